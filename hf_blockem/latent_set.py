@@ -1,0 +1,815 @@
+"""The latent set: which SAE latents BLOCK-EM blocks, where they are read, and the encoder columns that compute them.
+
+A `LatentSet` is the one artifact the trainer needs. It carries, per blocked layer, the ids of the latents in K+ and K-,
+the SAE encoder columns `W_enc[:, K]`, `b_enc[K]`, the JumpReLU `threshold[K]`, `b_dec` and the input normalisation, so
+that z on the blocked latents is computed without the SAE. It is stored as a single `latent_set.safetensors` file whose
+string metadata holds every non-tensor field, and it reaches the Hub through `huggingface_hub.ModelHubMixin`.
+
+Hook-point convention (SAELens): `blocks.L.hook_resid_post` is the output of Hugging Face decoder layer `L`, which is
+`output_hidden_states[L + 1]`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import operator
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LATENT_SET_FILENAME = "latent_set.safetensors"
+METADATA_KEY = "blockem_latent_set"
+# A latent set holds a few hundred encoder columns: its header (tensor index + JSON metadata) is a few KiB. The cap
+# keeps a hostile file from making us parse an arbitrarily large JSON document.
+MAX_HEADER_BYTES = 1 << 20
+ARCHITECTURES = ("standard", "jumprelu")
+# Normalisations SAELens computes from the input alone. "expected_average_only_in" and "covariance_whitening" need
+# state that SAELens folds into the weights (`fold_activation_norm_scaling_factor`, `fold_activation_whitening`).
+NORMALIZATIONS = ("none", "constant_norm_rescale", "layer_norm")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz")
+_HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")
+_COMMIT_RE = re.compile(r"[0-9a-f]{40}")
+_STAT_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+_TENSOR_NAMES = ("W_enc", "b_enc", "b_dec", "threshold", "W_dec", "plus", "minus")
+_REQUIRED_KEYS = ("format_version", "base_model", "base_model_revision", "d_in", "layers")
+_OPTIONAL_KEYS = ("library_version", "metadata", "checksum")
+_REQUIRED_LAYER_KEYS = ("layer", "hook_name", "architecture", "apply_b_dec_to_input", "normalize_activations", "sae")
+_OPTIONAL_LAYER_KEYS = ("module_path",)
+
+
+class LatentSetFormatError(ValueError):
+    """A latent-set file or folder that hf_blockem refuses to load; the message names the problem."""
+
+
+def hook_name_for_layer(layer: int) -> str:
+    """Returns the SAELens hook name of the output of decoder layer `layer`: `"blocks.{layer}.hook_resid_post"`."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def layer_from_hook_name(name: str) -> int:
+    """Returns the Hugging Face decoder-layer index whose output a SAELens residual hook reads.
+
+    `blocks.L.hook_resid_post` is the output of layer `L`. `blocks.L.hook_resid_pre` (L >= 1) is the input of layer `L`,
+    which is the same tensor as the output of layer `L - 1`, so it maps to `L - 1`.
+
+    Args:
+        name (`str`):
+            A SAELens hook name.
+
+    Returns:
+        `int`: the decoder-layer index `L` such that the hook reads `output_hidden_states[L + 1]`.
+    """
+    match = _HOOK_RE.fullmatch(name)
+    if match is None:
+        raise ValueError(
+            f"Expected a residual-stream hook 'blocks.L.hook_resid_post' or 'blocks.L.hook_resid_pre', got {name!r}. "
+            "BLOCK-EM reads decoder-layer outputs only: use an SAE trained on the residual stream."
+        )
+    layer, kind = int(match.group(1)), match.group(2)
+    if kind == "post":
+        return layer
+    if layer == 0:
+        raise ValueError(
+            "Expected 'blocks.L.hook_resid_pre' with L >= 1, got 'blocks.0.hook_resid_pre' (the embedding output, "
+            "which is no decoder layer's output). Use an SAE on a later layer."
+        )
+    return layer - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _as_ids(values, where: str) -> list[int]:
+    """Latent ids as Python ints; accepts NumPy / 0-d torch integers (via `operator.index`), refuses floats and bools."""
+    ids = []
+    for value in values:
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            ids.append(operator.index(value))
+        except TypeError:
+            raise ValueError(f"{where}: expected integer latent ids, got {value!r}.") from None
+    return ids
+
+
+@dataclass(eq=False)
+class BlockedLayer:
+    """The blocked latents of one SAE at one decoder layer, with the encoder columns that compute them.
+
+    Columns of every per-latent tensor are ordered `plus` then `minus`.
+
+    Args:
+        layer (`int`): Hugging Face decoder-layer index `L`; the hook reads the output of `model.layers[L]`.
+        plus (`list[int]`): SAE latent ids in K+ (penalised when z_theta > z_base).
+        minus (`list[int]`): SAE latent ids in K- (penalised when z_theta < z_base).
+        W_enc (`torch.Tensor`): `[d_in, n]` encoder columns.
+        b_enc (`torch.Tensor`): `[n]` encoder biases.
+        b_dec (`torch.Tensor`): `[d_in]` decoder bias (subtracted from the input when `apply_b_dec_to_input`).
+        threshold (`torch.Tensor` or `None`): `[n]` JumpReLU thresholds; `None` for ReLU SAEs.
+        apply_b_dec_to_input (`bool`): whether the SAE subtracts `b_dec` before encoding.
+        normalize_activations (`str`): one of `"none"`, `"constant_norm_rescale"`, `"layer_norm"`.
+        architecture (`str`): `"standard"` (ReLU) or `"jumprelu"`.
+        hook_name (`str`): SAELens hook name, `"blocks.{L}.hook_resid_post"`.
+        module_path (`str`, *optional*): Hugging Face module path, e.g. `"model.layers.12"`.
+        W_dec (`torch.Tensor`, *optional*): `[n, d_in]` decoder rows of the chosen latents (steering, diagnostics).
+        sae (`dict`): provenance of the SAE (release or repo, sae_id, commit, d_sae, ...).
+        statistics (`dict[str, torch.Tensor]`): optional per-latent `[n]` values (e.g. `"delta"`, `"alpha"`).
+
+    Tensors are stored as fp32 on CPU; treat them as read-only (`encode` caches copies per device).
+    """
+
+    layer: int
+    plus: list[int]
+    minus: list[int]
+    W_enc: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
+    threshold: torch.Tensor | None
+    apply_b_dec_to_input: bool
+    normalize_activations: str
+    architecture: str
+    hook_name: str
+    module_path: str | None = None
+    W_dec: torch.Tensor | None = None
+    sae: dict = field(default_factory=dict)
+    statistics: dict[str, torch.Tensor] = field(default_factory=dict)
+    _device_cache: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        if not _is_int(self.layer) or self.layer < 0:
+            raise ValueError(f"Expected `layer` to be an int >= 0, got {self.layer!r}.")
+        self.plus = _as_ids(self.plus, f"Layer {self.layer} K+")
+        self.minus = _as_ids(self.minus, f"Layer {self.layer} K-")
+        ids = self.plus + self.minus
+        if not ids:
+            raise ValueError(f"Layer {self.layer}: expected at least one latent in K+ or K-, got none.")
+        bad = [i for i in ids if i < 0]
+        if bad:
+            raise ValueError(f"Layer {self.layer}: expected latent ids to be ints >= 0, got {bad}.")
+        both = sorted(set(self.plus) & set(self.minus))
+        if both:
+            raise ValueError(f"Layer {self.layer}: latents {both} are in both K+ and K-; each latent needs one sign.")
+        if len(set(ids)) != len(ids):
+            duplicates = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"Layer {self.layer}: duplicate latent ids {duplicates}; list each latent once.")
+        d_sae = self.sae.get("d_sae")
+        if d_sae is not None and max(ids) >= d_sae:
+            raise ValueError(f"Layer {self.layer}: latent ids must be < d_sae={d_sae}, got {max(ids)}.")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"Layer {self.layer}: expected architecture in {ARCHITECTURES}, got {self.architecture!r}. TopK-style "
+                "SAEs cannot be blocked: a subset of their columns does not reproduce the top-k selection."
+            )
+        if self.normalize_activations not in NORMALIZATIONS:
+            raise ValueError(
+                f"Layer {self.layer}: expected normalize_activations in {NORMALIZATIONS}, got "
+                f"{self.normalize_activations!r}. Fold stateful normalisations into the SAE weights first (SAELens "
+                "`fold_activation_norm_scaling_factor`)."
+            )
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise ValueError(
+                f"Layer {self.layer}: expected apply_b_dec_to_input to be a bool, got {self.apply_b_dec_to_input!r}."
+            )
+        if self.hook_name != hook_name_for_layer(self.layer):
+            raise ValueError(
+                f"Layer {self.layer}: expected hook_name {hook_name_for_layer(self.layer)!r}, got {self.hook_name!r}."
+            )
+        if (self.threshold is None) != (self.architecture == "standard"):
+            expected = "no threshold" if self.architecture == "standard" else "a threshold tensor"
+            raise ValueError(f"Layer {self.layer}: a {self.architecture!r} SAE needs {expected}.")
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec, "threshold": self.threshold}
+        tensors.update({"W_dec": self.W_dec, **{f"statistics[{k!r}]": v for k, v in self.statistics.items()}})
+        tensors = {name: tensor for name, tensor in tensors.items() if tensor is not None}
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise ValueError(f"Layer {self.layer}: expected {name} to be a floating-point tensor, got {kind}.")
+        n, d_in = len(ids), self.W_enc.shape[0] if self.W_enc.ndim == 2 else 0
+        shapes = {"W_enc": (d_in, n), "b_enc": (n,), "b_dec": (d_in,), "threshold": (n,), "W_dec": (n, d_in)}
+        for name, tensor in tensors.items():
+            expected = shapes.get(name, (n,))  # statistics are per latent
+            if tuple(tensor.shape) != expected or d_in < 1:
+                raise ValueError(
+                    f"Layer {self.layer}: expected {name} of shape {list(expected)} (W_enc is [d_in, n] with n={n} "
+                    f"latents), got {list(tensor.shape)}."
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"Layer {self.layer}: {name} contains NaN or Inf values.")
+        bad_names = [k for k in self.statistics if not _STAT_NAME_RE.fullmatch(k)]
+        if bad_names:
+            raise ValueError(f"Layer {self.layer}: statistic names must match [A-Za-z0-9_]+, got {bad_names}.")
+        # fp32 copies on CPU: the set owns its tensors and never aliases the SAE's parameters.
+        for name in ("W_enc", "b_enc", "b_dec", "threshold", "W_dec"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).detach().to("cpu", torch.float32).clone().contiguous())
+        self.statistics = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.statistics.items()}
+
+    @property
+    def latent_ids(self) -> list[int]:
+        return self.plus + self.minus
+
+    @property
+    def n_latents(self) -> int:
+        return len(self.plus) + len(self.minus)
+
+    @property
+    def d_in(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def signs(self) -> torch.Tensor:
+        """`[n]` fp32: +1 for K+ latents, -1 for K- latents."""
+        return torch.tensor([1.0] * len(self.plus) + [-1.0] * len(self.minus))
+
+    def _params(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if device not in self._device_cache:
+            self._device_cache[device] = tuple(
+                None if t is None else t.to(device) for t in (self.W_enc, self.b_enc, self.b_dec, self.threshold)
+            )
+        return self._device_cache[device]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Computes z on the blocked latents exactly as the SAELens SAE does for these columns, in fp32.
+
+        Args:
+            x (`torch.Tensor`): `[..., d_in]` residual-stream activations, any dtype and device.
+
+        Returns:
+            `torch.Tensor`: `[..., n]` fp32 activations on `x.device`, columns ordered `plus` then `minus`.
+        """
+        W_enc, b_enc, b_dec, threshold = self._params(x.device)
+        # 1) cast to fp32 (SAELens `process_sae_in` casts to the SAE dtype)
+        x = x.to(torch.float32)
+        # 2) stateless input normalisation, same operations as SAELens `_setup_activation_normalization`
+        if self.normalize_activations == "constant_norm_rescale":
+            x = x * ((self.d_in**0.5) / x.norm(dim=-1, keepdim=True))
+        elif self.normalize_activations == "layer_norm":
+            x = x - x.mean(dim=-1, keepdim=True)
+            x = x / (x.std(dim=-1, keepdim=True) + 1e-5)
+        # 3) subtract the decoder bias if the SAE does
+        if self.apply_b_dec_to_input:
+            x = x - b_dec
+        # 4) pre-activations of the chosen columns
+        hidden_pre = x @ W_enc + b_enc
+        # 5) ReLU, then for JumpReLU zero every unit whose pre-activation is <= its threshold
+        z = torch.relu(hidden_pre)
+        if threshold is not None:
+            z = z * (hidden_pre > threshold).to(z.dtype)
+        return z
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-serialisable (non-tensor) description of the layer, as stored in the file's metadata."""
+        return {
+            "layer": self.layer,
+            "hook_name": self.hook_name,
+            "module_path": self.module_path,
+            "architecture": self.architecture,
+            "apply_b_dec_to_input": self.apply_b_dec_to_input,
+            "normalize_activations": self.normalize_activations,
+            "sae": dict(self.sae),
+        }
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        prefix = f"layers.{self.layer}."
+        tensors = {"W_enc": self.W_enc, "b_enc": self.b_enc, "b_dec": self.b_dec, "threshold": self.threshold}
+        tensors.update({"W_dec": self.W_dec, "plus": torch.tensor(self.plus, dtype=torch.int64)})
+        tensors["minus"] = torch.tensor(self.minus, dtype=torch.int64)
+        tensors.update({f"statistics.{k}": v for k, v in self.statistics.items()})
+        return {prefix + k: v for k, v in tensors.items() if v is not None}
+
+
+def _checksum(description: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the canonical JSON description (without the checksum) and every tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"\0{name}\0{tensor.dtype}\0{list(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _library_version() -> str:
+    try:
+        from hf_blockem import __version__
+
+        return __version__
+    except ImportError:
+        return "unknown"
+
+
+class LatentSet(
+    ModelHubMixin,
+    library_name="hf_blockem",
+    tags=["blockem", "emergent-misalignment", "sparse-autoencoder"],
+    paper_url="https://arxiv.org/abs/2602.00767",
+):
+    """The SAE latents BLOCK-EM blocks during fine-tuning, at one or more decoder layers.
+
+    Saved as one `latent_set.safetensors` (tensors + JSON string metadata); `save_pretrained`, `from_pretrained` and
+    `push_to_hub` come from `huggingface_hub.ModelHubMixin`.
+
+    Args:
+        layers (`list[BlockedLayer]`): one entry per blocked decoder layer; sorted by layer index, indices unique.
+        base_model (`str`): Hub id or path of the model whose activations the SAE reads.
+        base_model_revision (`str`, *optional*): revision (ideally a commit) of the base model.
+        d_in (`int`): residual-stream width; must equal every layer's `d_in` and the model's hidden size.
+        metadata (`dict`, *optional*): free JSON-serialisable information (selection settings, judge, ...).
+
+    Example:
+    ```python
+    >>> latent_set = LatentSet.from_sae(sae, plus=[12, 40], minus=[7], base_model="meta-llama/Llama-3.1-8B-Instruct")
+    >>> latent_set.save_pretrained("my-latent-set")
+    >>> latent_set = LatentSet.from_pretrained("user/my-latent-set", revision="<40-hex commit>", strict=True)
+    ```
+    """
+
+    def __init__(
+        self,
+        layers: list[BlockedLayer],
+        *,
+        base_model: str,
+        base_model_revision: str | None = None,
+        d_in: int,
+        metadata: dict | None = None,
+    ):
+        # ModelHubMixin would write the jsonable init arguments to config.json; everything lives in the safetensors
+        # metadata instead, so there is exactly one file to trust.
+        self._hub_mixin_config = None
+        if not layers or not all(isinstance(layer, BlockedLayer) for layer in layers):
+            raise ValueError(f"Expected a non-empty list of BlockedLayer, got {layers!r}.")
+        indices = [layer.layer for layer in layers]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"Expected each decoder layer at most once, got layers {indices}; merge their latents.")
+        if not isinstance(base_model, str) or not base_model:
+            raise ValueError(f"Expected `base_model` to be a non-empty Hub id or path, got {base_model!r}.")
+        if base_model_revision is not None and not isinstance(base_model_revision, str):
+            raise ValueError(f"Expected `base_model_revision` to be a string or None, got {base_model_revision!r}.")
+        if not _is_int(d_in) or d_in < 1:
+            raise ValueError(f"Expected `d_in` to be a positive int, got {d_in!r}.")
+        for layer in layers:
+            if layer.d_in != d_in:
+                raise ValueError(f"Layer {layer.layer}: W_enc has d_in={layer.d_in}, the set has d_in={d_in}.")
+        metadata = dict(metadata or {})
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Expected `metadata` to be JSON-serialisable: {error}.") from error
+        self.layers = sorted(layers, key=lambda layer: layer.layer)
+        self.base_model = base_model
+        self.base_model_revision = base_model_revision
+        self.d_in = d_in
+        self.metadata = metadata
+        self.format_version = FORMAT_VERSION
+        self.library_version = _library_version()
+        self.resolved_commit: str | None = None
+        self.source: str | None = None
+
+    @property
+    def layer_indices(self) -> list[int]:
+        return [layer.layer for layer in self.layers]
+
+    @property
+    def deepest_layer(self) -> int:
+        return self.layers[-1].layer
+
+    @property
+    def n_latents(self) -> int:
+        return sum(layer.n_latents for layer in self.layers)
+
+    def layer(self, index: int) -> BlockedLayer:
+        """Returns the `BlockedLayer` for decoder layer `index`."""
+        for layer in self.layers:
+            if layer.layer == index:
+                return layer
+        raise KeyError(f"Layer {index} is not blocked by this latent set; blocked layers: {self.layer_indices}.")
+
+    def validate_for_model(self, config) -> None:
+        """Checks that the set fits a model: `d_in` equals its hidden size and every layer exists.
+
+        Args:
+            config (`transformers.PretrainedConfig`): the model's config (multimodal configs use their text config).
+        """
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        hidden_size, num_layers = text_config.hidden_size, text_config.num_hidden_layers
+        if hidden_size != self.d_in:
+            raise ValueError(
+                f"The latent set expects hidden size d_in={self.d_in} (base model {self.base_model!r}), the model has "
+                f"hidden_size={hidden_size}. Use the latent set built for this model."
+            )
+        too_deep = [index for index in self.layer_indices if index >= num_layers]
+        if too_deep:
+            raise ValueError(
+                f"The latent set blocks layers {too_deep}, the model has {num_layers} decoder layers (0 to "
+                f"{num_layers - 1}). Use the latent set built for this model."
+            )
+
+    @classmethod
+    def from_sae(
+        cls,
+        sae,
+        *,
+        plus: list[int],
+        minus: list[int] = (),
+        layer: int | None = None,
+        base_model: str,
+        base_model_revision: str | None = None,
+        sae_release: str | None = None,
+        sae_id: str | None = None,
+        sae_commit: str | None = None,
+        statistics: dict[str, torch.Tensor] | None = None,
+    ) -> LatentSet:
+        """Builds a single-layer set from a SAELens `StandardSAE` or `JumpReLUSAE`.
+
+        Args:
+            sae (`sae_lens.SAE`): the SAE; its `cfg.metadata.hook_name` gives the layer unless `layer` is passed.
+            plus (`list[int]`): latent ids in K+.
+            minus (`list[int]`, *optional*): latent ids in K-.
+            layer (`int`, *optional*): decoder-layer index, when the SAE's hook name is missing; must agree with it.
+            base_model (`str`): Hub id or path of the model the SAE reads.
+            base_model_revision (`str`, *optional*): its revision.
+            sae_release (`str`, *optional*): SAELens release or Hub repo of the SAE.
+            sae_id (`str`, *optional*): SAE id within the release.
+            sae_commit (`str`, *optional*): the SAE's source commit (SAELens `from_pretrained` takes no revision).
+            statistics (`dict[str, torch.Tensor]`, *optional*): per-latent `[n]` values ordered plus then minus.
+
+        Returns:
+            `LatentSet`
+        """
+        from sae_lens import JumpReLUSAE, StandardSAE
+
+        architecture = sae.cfg.architecture()
+        if not isinstance(sae, (StandardSAE, JumpReLUSAE)):
+            raise ValueError(
+                f"Expected a SAELens StandardSAE or JumpReLUSAE, got {type(sae).__name__} (architecture "
+                f"{architecture!r}). A column subset reproduces ReLU and JumpReLU latents exactly but not TopK / "
+                "BatchTopK ones (the top-k set depends on all latents); training SAEs must be converted to inference "
+                "SAEs first."
+            )
+        hook_name = sae.cfg.metadata.hook_name
+        if hook_name is not None:
+            hooked_layer = layer_from_hook_name(hook_name)
+            if layer is not None and layer != hooked_layer:
+                raise ValueError(
+                    f"`layer`={layer} disagrees with the SAE's hook {hook_name!r} (layer {hooked_layer})."
+                )
+            layer = hooked_layer
+        elif layer is None:
+            raise ValueError("The SAE has no `cfg.metadata.hook_name`: pass `layer=` (the decoder-layer index).")
+        ids = list(plus) + list(minus)
+        index = torch.tensor(ids, dtype=torch.long)
+        if ids and (min(ids) < 0 or max(ids) >= sae.cfg.d_sae):
+            raise ValueError(
+                f"Expected latent ids in [0, {sae.cfg.d_sae}), got {[i for i in ids if not 0 <= i < sae.cfg.d_sae]}."
+            )
+        provenance = {
+            "release": sae_release,
+            "sae_id": sae_id,
+            "commit": sae_commit,
+            "d_sae": sae.cfg.d_sae,
+            "architecture": architecture,
+            "hook_name": hook_name,
+            "dtype": sae.cfg.dtype,
+            "model_name": sae.cfg.metadata.model_name,
+        }
+        blocked = BlockedLayer(
+            layer=layer,
+            plus=list(plus),
+            minus=list(minus),
+            W_enc=sae.W_enc.detach()[:, index],
+            b_enc=sae.b_enc.detach()[index],
+            b_dec=sae.b_dec.detach(),
+            threshold=sae.threshold.detach()[index] if architecture == "jumprelu" else None,
+            apply_b_dec_to_input=bool(sae.cfg.apply_b_dec_to_input),
+            normalize_activations=sae.cfg.normalize_activations,
+            architecture=architecture,
+            hook_name=hook_name_for_layer(layer),
+            W_dec=sae.W_dec.detach()[index],
+            sae={k: v for k, v in provenance.items() if v is not None},
+            statistics={k: torch.as_tensor(v) for k, v in (statistics or {}).items()},
+        )
+        return cls([blocked], base_model=base_model, base_model_revision=base_model_revision, d_in=sae.cfg.d_in)
+
+    @classmethod
+    def concatenate(cls, latent_sets: list[LatentSet], *, metadata: dict | None = None) -> LatentSet:
+        """Combines sets on different layers of the same base model into one multi-layer set.
+
+        Args:
+            latent_sets (`list[LatentSet]`): sets with equal `base_model`, `base_model_revision` and `d_in`.
+            metadata (`dict`, *optional*): defaults to the union of the parts' metadata (later sets win).
+
+        Returns:
+            `LatentSet`
+        """
+        if not latent_sets:
+            raise ValueError("Expected at least one LatentSet to concatenate, got none.")
+        first = latent_sets[0]
+        for other in latent_sets[1:]:
+            mine = (first.base_model, first.base_model_revision, first.d_in)
+            theirs = (other.base_model, other.base_model_revision, other.d_in)
+            if mine != theirs:
+                raise ValueError(
+                    f"Expected sets of one base model (base_model, revision, d_in) = {mine}, got {theirs}. Latent sets "
+                    "of different models cannot be blocked together."
+                )
+        if metadata is None:
+            metadata = {k: v for latent_set in latent_sets for k, v in latent_set.metadata.items()}
+        layers = [layer for latent_set in latent_sets for layer in latent_set.layers]
+        return cls(
+            layers,
+            base_model=first.base_model,
+            base_model_revision=first.base_model_revision,
+            d_in=first.d_in,
+            metadata=metadata,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-serialisable description stored in the file's metadata (everything but the tensors)."""
+        return {
+            "format_version": self.format_version,
+            "library_version": _library_version(),
+            "base_model": self.base_model,
+            "base_model_revision": self.base_model_revision,
+            "d_in": self.d_in,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "metadata": self.metadata,
+        }
+
+    def __repr__(self) -> str:
+        layers = ", ".join(
+            f"L{layer.layer}: |K+|={len(layer.plus)} |K-|={len(layer.minus)} ({layer.architecture})"
+            for layer in self.layers
+        )
+        revision = f"@{self.base_model_revision}" if self.base_model_revision else ""
+        return f"LatentSet(base_model={self.base_model}{revision}, d_in={self.d_in}, layers=[{layers}])"
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        tensors = {name: t for layer in self.layers for name, t in layer._tensors().items()}
+        description = self.to_dict()
+        description["checksum"] = _checksum(description, tensors)
+        save_file(
+            tensors, str(Path(save_directory) / LATENT_SET_FILENAME), metadata={METADATA_KEY: json.dumps(description)}
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        strict: bool = False,
+        filename: str = LATENT_SET_FILENAME,
+    ) -> LatentSet:
+        """Loads a latent set from a Hub repo, a local folder or a `.safetensors` file, validating it as untrusted.
+
+        Overrides `ModelHubMixin.from_pretrained` only to never read a `config.json`: in the base class a repo's
+        config.json is turned into constructor arguments, which an untrusted repo must not control.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `Path`): Hub repo id, local folder or file.
+            revision (`str`, *optional*): branch, tag or commit on the Hub.
+            token, cache_dir, force_download, local_files_only: as in `huggingface_hub.hf_hub_download`.
+            strict (`bool`, *optional*, defaults to `False`): require a 40-hex commit `revision` for Hub repos and a
+                checksum in the file.
+            filename (`str`, *optional*, defaults to `"latent_set.safetensors"`): file name inside the repo/folder.
+
+        Returns:
+            `LatentSet`, with `source` and (for Hub repos) `resolved_commit` set.
+        """
+        return cls._from_pretrained(
+            model_id=str(pretrained_model_name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            strict=strict,
+            filename=filename,
+        )
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        strict: bool = False,
+        filename: str = LATENT_SET_FILENAME,
+    ) -> LatentSet:
+        if "/" in filename or "\\" in filename or ".." in filename or not filename.endswith(".safetensors"):
+            raise LatentSetFormatError(
+                f"Expected a plain '*.safetensors' file name without path separators or '..', got {filename!r}."
+            )
+        resolved_commit = None
+        if os.path.isfile(model_id):
+            path = model_id
+        elif os.path.isdir(model_id):
+            path = os.path.join(model_id, filename)
+            if not os.path.isfile(path):
+                found = sorted(name for name in os.listdir(model_id) if name.endswith(PICKLE_SUFFIXES))
+                hint = f" Found {found}: hf_blockem loads safetensors only and never unpickles." if found else ""
+                raise LatentSetFormatError(f"No {filename!r} in folder {model_id!r}.{hint}")
+        else:
+            if strict and (revision is None or not _COMMIT_RE.fullmatch(revision)):
+                raise LatentSetFormatError(
+                    f"strict=True needs `revision` to be a 40-hex commit, got {revision!r}: pin the latent set to the "
+                    "commit you reviewed."
+                )
+            try:
+                path = hf_hub_download(
+                    model_id,
+                    filename,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            except EntryNotFoundError as error:
+                raise LatentSetFormatError(
+                    f"No {filename!r} in repo {model_id!r} at revision {revision or 'main'}: hf_blockem loads "
+                    "safetensors only (no .bin/.pt/.pkl) and needs a file written by `LatentSet.save_pretrained`."
+                ) from error
+            snapshot = Path(path).parent
+            if snapshot.parent.name == "snapshots" and _COMMIT_RE.fullmatch(snapshot.name):
+                resolved_commit = snapshot.name
+        if path.endswith(PICKLE_SUFFIXES) or not path.endswith(".safetensors"):
+            raise LatentSetFormatError(
+                f"Expected a '.safetensors' file, got {path!r}: hf_blockem loads safetensors only."
+            )
+        latent_set = _load_file(path, strict=strict)
+        latent_set.resolved_commit = resolved_commit
+        latent_set.source = model_id
+        return latent_set
+
+
+def _read_description(path: str) -> dict:
+    """Checks the safetensors header by hand before safetensors parses it, and returns our JSON description."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise LatentSetFormatError(
+                f"{path}: {size} bytes is too short for a safetensors file (8-byte header size)."
+            )
+        header_size = int.from_bytes(prefix, "little")
+        if header_size > MAX_HEADER_BYTES:
+            raise LatentSetFormatError(
+                f"{path}: safetensors header of {header_size} bytes exceeds the {MAX_HEADER_BYTES}-byte cap for latent "
+                "sets; the file is corrupt or not a latent set."
+            )
+        if header_size > size - 8:
+            raise LatentSetFormatError(f"{path}: header size {header_size} is larger than the file ({size} bytes).")
+        raw = file.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise LatentSetFormatError(f"{path}: safetensors header is not UTF-8 ({error}).") from error
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise LatentSetFormatError(f"{path}: safetensors header is not JSON ({error}).") from error
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or METADATA_KEY not in metadata:
+        raise LatentSetFormatError(
+            f"{path}: no {METADATA_KEY!r} entry in the safetensors metadata; not a file written by "
+            "`LatentSet.save_pretrained`."
+        )
+    try:
+        description = json.loads(metadata[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError, RecursionError) as error:
+        raise LatentSetFormatError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON ({error}).") from error
+    if not isinstance(description, dict):
+        raise LatentSetFormatError(
+            f"{path}: metadata {METADATA_KEY!r} must be a JSON object, got {type(description).__name__}."
+        )
+    return description
+
+
+def _check_keys(where: str, found: dict, required: tuple, optional: tuple) -> None:
+    missing = [key for key in required if key not in found]
+    if missing:
+        raise LatentSetFormatError(f"{where}: missing required metadata keys {missing}.")
+    unknown = sorted(set(found) - set(required) - set(optional))
+    if unknown:
+        logger.warning(
+            "%s: dropping unknown metadata keys %s (written by a newer hf_blockem? upgrade it).", where, unknown
+        )
+        for key in unknown:
+            del found[key]
+
+
+def _load_file(path: str, *, strict: bool) -> LatentSet:
+    description = _read_description(path)
+    # The checksum covers the file as written, including keys this version does not know and drops below.
+    as_written = copy.deepcopy(description)
+    checksum = as_written.pop("checksum", None)
+    version = description.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise LatentSetFormatError(f"{path}: expected an integer format_version >= 1, got {version!r}.")
+    if version > FORMAT_VERSION:
+        raise LatentSetFormatError(
+            f"{path}: format_version {version} is newer than the supported {FORMAT_VERSION}; upgrade hf_blockem."
+        )
+    _check_keys(path, description, _REQUIRED_KEYS, _OPTIONAL_KEYS)
+    if not isinstance(description["layers"], list) or not description["layers"]:
+        raise LatentSetFormatError(f"{path}: expected 'layers' to be a non-empty list, got {description['layers']!r}.")
+    try:
+        tensors = load_file(path)
+    except SafetensorError as error:
+        raise LatentSetFormatError(f"{path}: not a valid safetensors file ({error}).") from error
+
+    used, layers = set(), []
+    for entry in description["layers"]:
+        if not isinstance(entry, dict):
+            raise LatentSetFormatError(f"{path}: expected each layer entry to be an object, got {entry!r}.")
+        where = f"{path} layer {entry.get('layer')!r}"
+        _check_keys(where, entry, _REQUIRED_LAYER_KEYS, _OPTIONAL_LAYER_KEYS)
+        if not _is_int(entry["layer"]) or not isinstance(entry["sae"], dict) or not _is_int(entry["sae"].get("d_sae")):
+            raise LatentSetFormatError(f"{where}: expected an int 'layer' and an 'sae' object with an int 'd_sae'.")
+        prefix = f"layers.{entry['layer']}."
+        values = {
+            name[len(prefix) :]: t
+            for name, t in tensors.items()
+            if name.startswith(prefix)
+            and (name[len(prefix) :] in _TENSOR_NAMES or name[len(prefix) :].startswith("statistics."))
+        }
+        used.update(prefix + name for name in values)
+        for name in ("W_enc", "b_enc", "b_dec", "plus", "minus"):
+            if name not in values:
+                raise LatentSetFormatError(f"{where}: missing tensor {prefix + name!r}.")
+        for name, tensor in values.items():
+            is_ids = name in ("plus", "minus")
+            expected = torch.int64 if is_ids else torch.float32
+            if tensor.dtype != expected or (is_ids and tensor.ndim != 1):
+                raise LatentSetFormatError(
+                    f"{where}: expected tensor {prefix + name!r} to be {'1-D latent ids of ' if is_ids else ''}"
+                    f"{expected}, got {tensor.dtype} of shape {list(tensor.shape)}."
+                )
+        statistics = {k[len("statistics.") :]: v for k, v in values.items() if k.startswith("statistics.")}
+        try:
+            layers.append(
+                BlockedLayer(
+                    layer=entry["layer"],
+                    plus=values["plus"].tolist(),
+                    minus=values["minus"].tolist(),
+                    W_enc=values["W_enc"],
+                    b_enc=values["b_enc"],
+                    b_dec=values["b_dec"],
+                    threshold=values.get("threshold"),
+                    apply_b_dec_to_input=entry["apply_b_dec_to_input"],
+                    normalize_activations=entry["normalize_activations"],
+                    architecture=entry["architecture"],
+                    hook_name=entry["hook_name"],
+                    module_path=entry.get("module_path"),
+                    W_dec=values.get("W_dec"),
+                    sae=entry["sae"],
+                    statistics=statistics,
+                )
+            )
+        except ValueError as error:
+            raise LatentSetFormatError(f"{path}: {error}") from error
+    unused = sorted(set(tensors) - used)
+    if unused:
+        logger.warning("%s: ignoring unexpected tensors %s (written by a newer hf_blockem? upgrade it).", path, unused)
+    try:
+        latent_set = LatentSet(
+            layers,
+            base_model=description["base_model"],
+            base_model_revision=description["base_model_revision"],
+            d_in=description["d_in"],
+            metadata=description.get("metadata") or {},
+        )
+    except ValueError as error:
+        raise LatentSetFormatError(f"{path}: {error}") from error
+    # The checksum is checked last so that a malformed file is reported by its specific defect.
+    if checksum is None and strict:
+        raise LatentSetFormatError(f"{path}: strict=True needs a checksum in the metadata, the file has none.")
+    if checksum is not None:
+        expected = _checksum(as_written, tensors)
+        if checksum != expected:
+            raise LatentSetFormatError(
+                f"{path}: checksum mismatch (stored {checksum}, computed {expected}); the file was modified."
+            )
+    latent_set.library_version = description.get("library_version", "unknown")
+    return latent_set
