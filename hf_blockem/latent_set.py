@@ -649,8 +649,9 @@ class LatentSet(
                 )
             except EntryNotFoundError as error:
                 raise LatentSetFormatError(
-                    f"No {filename!r} in repo {model_id!r} at revision {revision or 'main'}: hf_blockem loads "
-                    "safetensors only (no .bin/.pt/.pkl) and needs a file written by `LatentSet.save_pretrained`."
+                    f"No {filename!r} in repo {model_id!r} at revision {revision or 'main'} (or, offline, not in the "
+                    "local cache): hf_blockem loads safetensors only (no .bin/.pt/.pkl) and needs a file written by "
+                    "`LatentSet.save_pretrained`."
                 ) from error
             snapshot = Path(path).parent
             if snapshot.parent.name == "snapshots" and _COMMIT_RE.fullmatch(snapshot.name):
