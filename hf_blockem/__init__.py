@@ -1,1 +1,53 @@
-"""hf_blockem."""
+"""hf_blockem: fine-tune chat models without emergent misalignment by blocking SAE latents (BLOCK-EM).
+
+Public names are imported lazily, so `import hf_blockem` stays cheap (the trainers pull in TRL; SAELens is only
+imported where SAEs are read).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "LatentSet": "hf_blockem.latent_set",
+    "BlockedLayer": "hf_blockem.latent_set",
+    "BlockEMArguments": "hf_blockem.config",
+    "BlockEMConfig": "hf_blockem.config",
+    "BlockEMSFTConfig": "hf_blockem.config",
+    "BlockEMTrainerMixin": "hf_blockem.trainer",
+    "BlockEMTrainer": "hf_blockem.trainer",
+    "BlockEMSFTTrainer": "hf_blockem.trainer",
+    "ActivationCapture": "hf_blockem.hooks",
+    "get_decoder_layers": "hf_blockem.hooks",
+}
+
+__all__ = [
+    "__version__",
+    "LatentSet",
+    "BlockedLayer",
+    "BlockEMArguments",
+    "BlockEMConfig",
+    "BlockEMSFTConfig",
+    "BlockEMTrainerMixin",
+    "BlockEMTrainer",
+    "BlockEMSFTTrainer",
+    "ActivationCapture",
+    "get_decoder_layers",
+]
+
+if TYPE_CHECKING:
+    from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
+    from .hooks import ActivationCapture, get_decoder_layers
+    from .latent_set import BlockedLayer, LatentSet
+    from .trainer import BlockEMSFTTrainer, BlockEMTrainer, BlockEMTrainerMixin
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_blockem' has no attribute {name!r}")

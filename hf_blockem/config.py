@@ -1,0 +1,129 @@
+"""Training arguments of the BLOCK-EM trainers: `BlockEMConfig` (Trainer) and `BlockEMSFTConfig` (TRL SFTTrainer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+from trl import SFTConfig
+
+BASE_ACTIVATION_MODES = ("auto", "adapter")
+
+
+@dataclass
+class BlockEMArguments:
+    r"""
+    The BLOCK-EM fields shared by [`BlockEMConfig`] and [`BlockEMSFTConfig`].
+
+    Parameters:
+        > Parameters that control which latents are blocked
+
+        latent_set (`str` or [`LatentSet`], *optional*):
+            The latents to block: a Hub repo id, a local folder written by `LatentSet.save_pretrained`, or a
+            [`LatentSet`] object. Can also be given to the trainer as `latent_set=`.
+        latent_set_revision (`str`, *optional*):
+            Branch, tag or commit of the latent set on the Hub. The resolved commit is recorded in the trainer state.
+
+        > Parameters that control the penalty
+
+        block_lambda (`float`, *optional*, defaults to `100.0`):
+            Weight λ of the penalty in `loss = loss_SFT + λ · L_block`. `L_block` sums the squared one-sided excess
+            over the blocked latents and averages it over the tokens that carry the SFT loss, with the same
+            denominator as the cross-entropy loss (so it is invariant to gradient accumulation). Because latent
+            scales differ between SAEs, also watch `blockem/penalty_relative` (the penalty divided by the mean
+            squared base activation of the blocked latents), which is comparable across models.
+        block_warmup_steps (`int`, *optional*, defaults to `0`):
+            Ramp λ linearly from 0 to `block_lambda` over this many optimizer steps.
+        block_exclude_first_token (`bool`, *optional*, defaults to `True`):
+            Leave the first token of every sequence out of the penalty (attention sinks carry activations orders of
+            magnitude above the median there). BOS tokens are always left out.
+
+        > Parameters that control the base activations
+
+        base_activations (`str`, *optional*, defaults to `"auto"`):
+            Where the base model's latent activations come from. `"adapter"`: the same PEFT model with its adapters
+            disabled, under no-grad, stopped after the deepest blocked layer. `"auto"`: `"adapter"` for PEFT models.
+    """
+
+    latent_set: str | None = field(
+        default=None,
+        metadata={
+            "help": "The latents to block: a Hub repo id or a local folder written by `LatentSet.save_pretrained` "
+            "(in Python, a `LatentSet` object also works).",
+        },
+    )
+    latent_set_revision: str | None = field(
+        default=None,
+        metadata={"help": "Branch, tag or commit of the latent set on the Hub."},
+    )
+    block_lambda: float = field(
+        default=100.0,
+        metadata={
+            "help": "Weight λ of the BLOCK-EM penalty (loss = loss_SFT + λ·L_block; L_block is averaged over the "
+            "tokens that carry the SFT loss with the cross-entropy's own denominator)."
+        },
+    )
+    block_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Ramp λ linearly from 0 to `block_lambda` over this many optimizer steps."},
+    )
+    block_exclude_first_token: bool = field(
+        default=True,
+        metadata={"help": "Leave the first token of each sequence (attention sink) out of the penalty."},
+    )
+    base_activations: str = field(
+        default="auto",
+        metadata={
+            "help": "Where base activations come from: `adapter` (PEFT adapters disabled, no-grad, stopped after "
+            "the deepest blocked layer) or `auto`.",
+            "choices": list(BASE_ACTIVATION_MODES),
+        },
+    )
+
+    def _check_blockem_arguments(self) -> None:
+        if self.base_activations not in BASE_ACTIVATION_MODES:
+            raise ValueError(
+                f"base_activations must be one of {BASE_ACTIVATION_MODES}, received {self.base_activations!r}."
+            )
+        if self.block_lambda < 0:
+            raise ValueError(f"block_lambda must be >= 0, received {self.block_lambda}.")
+        if self.block_warmup_steps < 0:
+            raise ValueError(f"block_warmup_steps must be >= 0, received {self.block_warmup_steps}.")
+
+    def _blockem_to_dict(self, d: dict[str, Any]) -> dict[str, Any]:
+        # A LatentSet object is not JSON: record where it came from instead.
+        latent_set = d.get("latent_set")
+        if latent_set is not None and not isinstance(latent_set, str):
+            d["latent_set"] = getattr(latent_set, "source", None) or repr(latent_set)
+        return d
+
+
+@dataclass
+class BlockEMConfig(BlockEMArguments, TrainingArguments):
+    __doc__ = (
+        "Configuration class for [`BlockEMTrainer`]: [`~transformers.TrainingArguments`] plus the BLOCK-EM fields "
+        "below.\n" + BlockEMArguments.__doc__
+    )
+
+    def __post_init__(self):
+        self._check_blockem_arguments()
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._blockem_to_dict(super().to_dict())
+
+
+@dataclass
+class BlockEMSFTConfig(BlockEMArguments, SFTConfig):
+    __doc__ = (
+        "Configuration class for [`BlockEMSFTTrainer`]: TRL's [`~trl.SFTConfig`] plus the BLOCK-EM fields below.\n"
+        + BlockEMArguments.__doc__
+    )
+
+    def __post_init__(self):
+        self._check_blockem_arguments()
+        super().__post_init__()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self._blockem_to_dict(super().to_dict())

@@ -1,0 +1,258 @@
+"""Drop-in trainers that add the BLOCK-EM penalty: `BlockEMTrainerMixin`, `BlockEMTrainer`, `BlockEMSFTTrainer`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Trainer
+from trl import SFTTrainer
+
+from .base_activations import resolve_base_activations
+from .hooks import ActivationCapture, get_decoder_layers, unwrap_model
+from .latent_set import LatentSet
+from .penalty import block_penalty_sum, loss_token_mask
+
+logger = logging.getLogger(__name__)
+
+_NOT_MODEL_INPUTS = ("labels", "shift_labels", "completion_mask", "assistant_masks")
+
+
+def load_latent_set(latent_set: str | LatentSet | None, revision: str | None = None, token=None) -> LatentSet:
+    """A `LatentSet` from an object, a local folder or a Hub repo id."""
+    if isinstance(latent_set, LatentSet):
+        return latent_set
+    if latent_set is None:
+        raise ValueError(
+            "BLOCK-EM needs a latent set, received none: set `latent_set` in the config (a Hub repo id or a local "
+            "folder written by `LatentSet.save_pretrained`) or pass `latent_set=` to the trainer."
+        )
+    if not isinstance(latent_set, str):
+        raise TypeError(f"latent_set must be a repo id, a path or a LatentSet, received {type(latent_set).__name__}.")
+    return LatentSet.from_pretrained(latent_set, revision=revision, token=token)
+
+
+class BlockEMTrainerMixin:
+    r"""
+    Adds the BLOCK-EM penalty to any [`~transformers.Trainer`] subclass.
+
+    `loss = loss_SFT + λ · L_block`, where `L_block` sums, over the latents of the latent set, the squared amount by
+    which the trained model's latent activation moved past the base model's in the misaligned direction, on every
+    token that carries the SFT loss (see `hf_blockem.penalty`). The base activations come from the same model with
+    its PEFT adapters disabled, under no-grad, with the forward stopped after the deepest blocked layer.
+
+    Compose it in front of the trainer class: `class MyTrainer(BlockEMTrainerMixin, MyBaseTrainer)`. The arguments
+    object must carry the fields of [`BlockEMConfig`] (any `TrainingArguments` subclass combined with
+    `BlockEMArguments` does).
+
+    Args:
+        latent_set ([`LatentSet`] or `str`, *optional*):
+            Overrides `args.latent_set`.
+        *args, **kwargs:
+            Passed on to the wrapped trainer.
+
+    Logged metrics (averaged over the micro-batches between two logs, eval ones prefixed with `eval_`):
+        `blockem/penalty` (L_block per loss token, before λ), `blockem/penalty_relative` (the same divided by the
+        mean squared base activation of the blocked latents: comparable across models), `blockem/lambda`, and per
+        layer `L` and latent id `k`: `blockem/layer_L/penalty`, `blockem/layer_L/latent_k/z`, `.../z_base` (mean
+        activations) and `.../over_base` (share of tokens on which the latent moved past base in the misaligned
+        direction).
+    """
+
+    def __init__(self, *args, latent_set: LatentSet | str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name in ("block_lambda", "base_activations"):
+            if not hasattr(self.args, name):
+                raise TypeError(
+                    f"{type(self).__name__} needs BLOCK-EM training arguments (field `{name}` is missing from "
+                    f"{type(self.args).__name__}): use BlockEMConfig or BlockEMSFTConfig instead."
+                )
+        self.latent_set = load_latent_set(
+            latent_set if latent_set is not None else self.args.latent_set,
+            revision=self.args.latent_set_revision,
+            token=getattr(self.args, "hub_token", None),
+        )
+        inner = unwrap_model(self.model)
+        self.latent_set.validate_for_model(inner.config)
+        self._blockem_base = resolve_base_activations(self.args.base_activations, self.model)
+        self._blockem_capture = ActivationCapture(self.model, self.latent_set.layer_indices)
+        self._blockem_metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        if self.latent_set.resolved_commit is not None:
+            logger.info("Blocking latent set %s@%s", self.latent_set.source, self.latent_set.resolved_commit)
+
+    # ---- hooks: registered once per train()/evaluate(), always removed ----
+
+    @contextlib.contextmanager
+    def _blockem_hooks(self) -> Iterator[ActivationCapture]:
+        capture = self._blockem_capture
+        if capture.attached:  # already inside train() or evaluate()
+            yield capture
+            return
+        capture.attach()
+        try:
+            yield capture
+        finally:
+            capture.detach()
+
+    def train(self, *args, **kwargs):
+        with self._blockem_hooks():
+            return super().train(*args, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        with self._blockem_hooks():
+            return super().evaluate(*args, **kwargs)
+
+    # ---- the loss ----
+
+    def current_block_lambda(self) -> float:
+        """λ at the current optimizer step, after the linear warm-up."""
+        lam, warmup = float(self.args.block_lambda), int(self.args.block_warmup_steps)
+        if warmup > 0:
+            lam *= min(1.0, self.state.global_step / warmup)
+        return lam
+
+    def _penalty_denominator(self, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor | float:
+        # Mirror what the cross-entropy loss is divided by, so that gradient accumulation and data parallelism
+        # scale both terms alike (Trainer.training_step and Trainer.compute_loss apply the same rules).
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+                self.compute_loss_func is not None
+            )
+        if scaled and num_items_in_batch is not None:
+            denominator = num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                tp_size = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+                denominator = denominator / max(1, self.accelerator.num_processes // tp_size)
+            return torch.as_tensor(denominator, dtype=torch.float32).clamp(min=1)
+        labels = inputs.get("shift_labels", inputs["labels"][..., 1:])
+        return (labels != -100).sum().float().clamp(min=1)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(
+                "BLOCK-EM applies its penalty on the tokens that carry the loss, but the batch has no `labels`. "
+                f"Received keys {sorted(inputs)}; use a data collator that produces labels."
+            )
+        mask = loss_token_mask(
+            labels,
+            attention_mask=inputs.get("attention_mask"),
+            position_ids=inputs.get("position_ids"),
+            input_ids=inputs.get("input_ids"),
+            bos_token_id=getattr(unwrap_model(model).config, "bos_token_id", None),
+            exclude_first_token=self.args.block_exclude_first_token,
+        )
+        model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        with self._blockem_hooks() as capture:
+            base_hidden = self._blockem_base.hidden_states(model, capture, model_inputs)
+            with capture.window() as hidden:
+                result = super().compute_loss(
+                    model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+                )
+        loss, outputs = result if return_outputs else (result, None)
+        self._check_gradient_path(model, hidden)
+
+        penalty_sum = loss.new_zeros((), dtype=torch.float32)
+        stats = []
+        for blocked in self.latent_set.layers:
+            z = blocked.encode(hidden[blocked.layer][mask])
+            with torch.no_grad():
+                z_base = blocked.encode(base_hidden[blocked.layer][mask])
+            layer_sum = block_penalty_sum(z, z_base, blocked.signs)
+            penalty_sum = penalty_sum + layer_sum
+            stats.append((blocked, z.detach(), z_base, layer_sum.detach()))
+
+        lam = self.current_block_lambda()
+        loss = loss + (lam * penalty_sum / self._penalty_denominator(inputs, num_items_in_batch)).to(loss.dtype)
+        self._record_blockem_metrics(stats, mask, lam)
+        return (loss, outputs) if return_outputs else loss
+
+    def _check_gradient_path(self, model, hidden: dict[int, torch.Tensor]) -> None:
+        # A hook inside a reentrant checkpoint sees a tensor computed under no-grad: the penalty would silently
+        # train nothing. Only complain when the layer itself has trainable weights, so its output must have a grad.
+        if not (model.training and torch.is_grad_enabled()):
+            return
+        layers = get_decoder_layers(model)
+        for layer, tensor in hidden.items():
+            if not tensor.requires_grad and any(p.requires_grad for p in layers[layer].parameters()):
+                raise RuntimeError(
+                    f"The activation captured at decoder layer {layer} has no gradient path, so the BLOCK-EM "
+                    "penalty would not train anything. This happens with reentrant gradient checkpointing when "
+                    "the checkpoint wraps the layer's hooks. Set `gradient_checkpointing_kwargs="
+                    '{"use_reentrant": False}` (or turn gradient checkpointing off).'
+                )
+
+    # ---- metrics ----
+
+    def _record_blockem_metrics(self, stats, mask: torch.Tensor, lam: float) -> None:
+        # One vector of sums per micro-batch, summed over processes in a single collective.
+        values = [mask.sum().float()]
+        for blocked, z, z_base, layer_sum in stats:
+            over = ((z - z_base) * blocked.signs.to(z.device) > 0).float()
+            values += [layer_sum, z_base.square().sum()]
+            values += list(z.sum(0)) + list(z_base.sum(0)) + list(over.sum(0))
+        totals = torch.stack([v.to(mask.device).float() for v in values])
+        totals = self.accelerator.gather(totals.unsqueeze(0)).sum(0).tolist()
+
+        n_tokens = totals[0]
+        if n_tokens == 0:
+            return
+        mode = "train" if self.model.training else "eval"
+        metrics = self._blockem_metrics[mode]
+        penalty, base_scale, i = 0.0, 0.0, 1
+        for blocked, *_ in stats:
+            n = blocked.n_latents
+            layer_sum, base_sq = totals[i], totals[i + 1]
+            z_sum, zb_sum, over_sum = (
+                totals[i + 2 : i + 2 + n],
+                totals[i + 2 + n : i + 2 + 2 * n],
+                totals[i + 2 + 2 * n : i + 2 + 3 * n],
+            )
+            i += 2 + 3 * n
+            penalty, base_scale = penalty + layer_sum, base_scale + base_sq
+            prefix = f"blockem/layer_{blocked.layer}"
+            metrics[f"{prefix}/penalty"].append(layer_sum / n_tokens)
+            for j, latent in enumerate(blocked.latent_ids):
+                metrics[f"{prefix}/latent_{latent}/z"].append(z_sum[j] / n_tokens)
+                metrics[f"{prefix}/latent_{latent}/z_base"].append(zb_sum[j] / n_tokens)
+                metrics[f"{prefix}/latent_{latent}/over_base"].append(over_sum[j] / n_tokens)
+        metrics["blockem/penalty"].append(penalty / n_tokens)
+        metrics["blockem/penalty_relative"].append(penalty / base_scale if base_scale > 0 else 0.0)
+        metrics["blockem/lambda"].append(lam)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {key: sum(values) / len(values) for key, values in self._blockem_metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{key}": value for key, value in metrics.items()}
+        logs.update(metrics)
+        self._blockem_metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+class BlockEMTrainer(BlockEMTrainerMixin, Trainer):
+    """[`~transformers.Trainer`] with the BLOCK-EM penalty. Takes a [`BlockEMConfig`] as `args`."""
+
+
+class BlockEMSFTTrainer(BlockEMTrainerMixin, SFTTrainer):
+    """TRL's [`~trl.SFTTrainer`] with the BLOCK-EM penalty. Takes a [`BlockEMSFTConfig`] as `args`.
+
+    Example:
+    ```python
+    from peft import LoraConfig
+    from hf_blockem import BlockEMSFTConfig, BlockEMSFTTrainer
+
+    args = BlockEMSFTConfig(output_dir="out", latent_set="org/llama-3.1-8b-em-latents", block_lambda=100.0)
+    trainer = BlockEMSFTTrainer(model="meta-llama/Llama-3.1-8B-Instruct", args=args, train_dataset=dataset,
+                                peft_config=LoraConfig(r=16, target_modules="all-linear"))
+    trainer.train()
+    ```
+    """

@@ -1,0 +1,416 @@
+"""The BLOCK-EM trainers on tiny real models: real PEFT adapters, real TRL / transformers trainers, a real SAELens SAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from tiny_models import HIDDEN, tiny_chat_dataset, tiny_chat_tokenizer, tiny_model
+from transformers import DataCollatorForLanguageModeling, TrainerCallback
+
+from hf_blockem import BlockEMConfig, BlockEMSFTConfig, BlockEMSFTTrainer, BlockEMTrainer, LatentSet
+from hf_blockem.hooks import get_decoder_layers
+
+LAYER = 1
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_sae(d_in: int = HIDDEN, d_sae: int = 32, seed: int = 0):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_dec.normal_(0, 0.3)
+    return sae
+
+
+def tiny_latent_set(layer: int = LAYER, plus=(1, 5, 9), minus=(7, 12), d_in: int = HIDDEN) -> LatentSet:
+    return LatentSet.from_sae(
+        tiny_sae(d_in=d_in), plus=list(plus), minus=list(minus), layer=layer, base_model="tests/tiny-llama"
+    )
+
+
+def lora_model(seed: int = 0, perturb: float = 0.0):
+    model = tiny_model("llama", seed=seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS))
+    if perturb:
+        torch.manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, perturb)
+    return peft_model
+
+
+def token_dataset(n: int = 8, seed: int = 0, equal_lengths: bool = False) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 10 if equal_lengths else 6 + (i * 3) % 7
+        ids = torch.randint(6, 60, (length,), generator=g).tolist()
+        ids[0] = 1  # BOS
+        labels = list(ids)
+        if not equal_lengths:  # a prompt without loss, of varying length
+            labels[: 1 + i % 3] = [-100] * (1 + i % 3)
+        rows.append({"input_ids": ids, "labels": labels})
+    return Dataset.from_list(rows)
+
+
+def pad_collator(features):
+    length = max(len(f["input_ids"]) for f in features)
+    ids = torch.zeros(len(features), length, dtype=torch.long)
+    labels = torch.full((len(features), length), -100)
+    attention = torch.zeros(len(features), length, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n] = torch.tensor(f["input_ids"])
+        labels[i, :n] = torch.tensor(f["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention}
+
+
+def make_trainer(tmp_path, model, latent_set=None, train_dataset=None, **overrides):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        block_lambda=1.0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    defaults.update(overrides)
+    return BlockEMTrainer(
+        model=model,
+        args=BlockEMConfig(**defaults),
+        train_dataset=train_dataset if train_dataset is not None else token_dataset(),
+        data_collator=pad_collator,
+        latent_set=latent_set if latent_set is not None else tiny_latent_set(),
+    )
+
+
+def one_step_update(tmp_path, batch_size, accumulation, block_lambda, accepts_loss_kwargs=True, equal=False, **kw):
+    """Parameter change of one plain-SGD step (lr 1): minus the accumulated gradient."""
+    model = lora_model(perturb=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        train_dataset=token_dataset(8, equal_lengths=equal),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        block_lambda=block_lambda,
+        **kw,
+    )
+    trainer.model_accepts_loss_kwargs = accepts_loss_kwargs
+    trainer.train()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}, trainer
+
+
+def assert_updates_close(a, b, rel=1e-6):
+    """Equal up to fp32 rounding of a different summation order, relative to each tensor's scale."""
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = max(1.0, a[name].abs().max().item())
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=rel * scale, msg=name)
+
+
+def hidden_at(model, batch, layer):
+    with torch.no_grad():
+        return model(**batch, output_hidden_states=True).hidden_states[layer + 1]
+
+
+# ---- base activations ----------------------------------------------------------------------------------------
+
+
+def test_base_activations_equal_pristine_base_model_and_penalty_is_zero_at_init(tmp_path):
+    pristine = tiny_model("llama")
+    model = lora_model()
+    trainer = make_trainer(tmp_path, model)
+    batch = pad_collator([token_dataset()[i] for i in range(4)])
+    with trainer._blockem_hooks() as capture:
+        base = trainer._blockem_base.hidden_states(model, capture, {k: v for k, v in batch.items() if k != "labels"})
+    assert torch.equal(base[LAYER], hidden_at(pristine, {k: v for k, v in batch.items() if k != "labels"}, LAYER))
+    # LoRA B = 0 at initialisation: the trained model is the base model, the penalty is exactly 0.
+    loss = trainer.compute_loss(model, dict(batch))
+    assert trainer._blockem_metrics["train"]["blockem/penalty"] == [0.0]
+    model.eval()
+    ce = model(**batch).loss
+    assert torch.equal(loss.detach(), ce.detach())
+
+
+def test_base_activations_ignore_perturbed_adapters_and_dropout(tmp_path):
+    pristine = tiny_model("llama")
+    model = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=LORA_TARGETS)
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.train()
+    trainer = make_trainer(tmp_path, model)
+    inputs = {k: v for k, v in pad_collator([token_dataset()[i] for i in range(4)]).items() if k != "labels"}
+    with trainer._blockem_hooks() as capture:
+        base = trainer._blockem_base.hidden_states(model, capture, inputs)
+    assert torch.equal(base[LAYER], hidden_at(pristine, inputs, LAYER))
+    assert model.training  # the training flags come back after the eval-mode base pass
+    assert not torch.equal(hidden_at(model.eval(), inputs, LAYER), base[LAYER])  # the adapters do change things
+
+
+# ---- training -----------------------------------------------------------------------------------------------
+
+
+def test_sft_trainer_trains_lora_only_and_penalty_grows_once_latents_move(tmp_path):
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("llama")
+    args = BlockEMSFTConfig(
+        output_dir=str(tmp_path / "sft"),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=3e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        assistant_only_loss=True,
+        gradient_checkpointing=True,
+        block_lambda=0.0,  # free latents: they move, and the (unweighted) penalty metric must see it
+        max_length=32,
+        disable_tqdm=True,
+    )
+    trainer = BlockEMSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=tiny_chat_dataset(24),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS),
+        latent_set=tiny_latent_set(),
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert {n for n in before if "lora_A" in n or "lora_B" in n} <= changed | {n for n in before if "lora_A" in n}
+    assert any("lora_B" in n for n in changed)
+    logs = [entry for entry in trainer.state.log_history if "blockem/penalty" in entry]
+    assert len(logs) == 6
+    assert logs[0]["blockem/penalty"] == 0.0
+    assert logs[-1]["blockem/penalty"] > 0.0
+    for key in ("blockem/penalty_relative", "blockem/lambda", f"blockem/layer_{LAYER}/penalty"):
+        assert key in logs[-1]
+    for latent in (1, 5, 9, 7, 12):
+        for metric in ("z", "z_base", "over_base"):
+            assert f"blockem/layer_{LAYER}/latent_{latent}/{metric}" in logs[-1]
+    assert "mean_token_accuracy" in logs[-1]  # TRL's own metrics still flow
+
+
+def _latent_excess(model, latent_set, dataset):
+    """Mean squared one-sided excess of the blocked latents over base, on a dataset."""
+    batch = pad_collator([dataset[i] for i in range(len(dataset))])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    blocked = latent_set.layer(LAYER)
+    mask = batch["labels"] != -100
+    model.eval()
+    with torch.no_grad():
+        tuned = blocked.encode(hidden_at(model, inputs, LAYER)[mask])
+        with model.disable_adapter():
+            base = blocked.encode(hidden_at(model, inputs, LAYER)[mask])
+    return torch.relu((tuned - base) * blocked.signs).square().mean().item()
+
+
+def test_blocked_latents_move_less_than_without_blocking(tmp_path):
+    latent_set = tiny_latent_set()
+    data = token_dataset(16, seed=3)
+    excess = {}
+    for lam in (0.0, 10.0):
+        model = lora_model()
+        make_trainer(tmp_path / str(lam), model, latent_set, data, max_steps=12, block_lambda=lam).train()
+        excess[lam] = _latent_excess(model, latent_set, data)
+    assert excess[0.0] > 0
+    assert excess[10.0] < 0.5 * excess[0.0]
+
+
+# ---- scaling: gradient accumulation and loss normalisation -------------------------------------------------------
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", [True, False])
+def test_gradients_equal_for_batch_8_and_batch_2_times_accumulation_4(tmp_path, accepts_loss_kwargs):
+    # Without num_items_in_batch, Trainer averages per micro-batch: equal only when micro-batches hold equal token
+    # counts, which is what the CE loss does too. With it, any lengths work.
+    equal = not accepts_loss_kwargs
+    kw = dict(accepts_loss_kwargs=accepts_loss_kwargs, equal=equal)
+    full, _ = one_step_update(tmp_path / "a", 8, 1, block_lambda=5.0, **kw)
+    accumulated, _ = one_step_update(tmp_path / "b", 2, 4, block_lambda=5.0, **kw)
+    assert_updates_close(full, accumulated)
+    # The penalty alone: the difference with a λ = 0 run.
+    full_ce, _ = one_step_update(tmp_path / "c", 8, 1, block_lambda=0.0, **kw)
+    accumulated_ce, _ = one_step_update(tmp_path / "d", 2, 4, block_lambda=0.0, **kw)
+    penalty_full = {n: full[n] - full_ce[n] for n in full}
+    penalty_accumulated = {n: accumulated[n] - accumulated_ce[n] for n in accumulated}
+    assert max(v.abs().max().item() for v in penalty_full.values()) > 1e-4  # the penalty does contribute
+    assert_updates_close(penalty_full, penalty_accumulated)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_penalty_gradients(tmp_path, reentrant):
+    plain, plain_trainer = one_step_update(tmp_path / "plain", 4, 1, block_lambda=5.0, gradient_checkpointing=False)
+    checkpointed, trainer = one_step_update(
+        tmp_path / "gc",
+        4,
+        1,
+        block_lambda=5.0,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
+    assert_updates_close(plain, checkpointed)
+    # Exactly one capture per micro-step: the logged penalty is identical with checkpointing on and off.
+    assert trainer.state.log_history[0]["blockem/penalty"] == plain_trainer.state.log_history[0]["blockem/penalty"]
+    assert trainer.state.log_history[0]["blockem/penalty"] > 0
+
+
+def test_all_masked_micro_batch_gives_zero_and_gradients_everywhere(tmp_path):
+    model = lora_model(perturb=0.5)
+    trainer = make_trainer(tmp_path, model, block_lambda=5.0)
+    batch = pad_collator([token_dataset()[i] for i in range(2)])
+    batch["labels"][:] = -100
+    # Other micro-batches of the same optimizer step carry the 10 loss tokens counted in num_items_in_batch.
+    loss = trainer.compute_loss(model.train(), dict(batch), num_items_in_batch=torch.tensor(10))
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    assert trainer._blockem_metrics["train"] == {}  # nothing to average on an empty micro-batch
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_lambda_warmup_ramps_linearly(tmp_path):
+    trainer = make_trainer(tmp_path, lora_model(), max_steps=4, block_lambda=8.0, block_warmup_steps=4)
+    trainer.train()
+    lambdas = [e["blockem/lambda"] for e in trainer.state.log_history if "blockem/lambda" in e]
+    assert lambdas == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_evaluate_logs_penalty_with_eval_prefix(tmp_path):
+    trainer = make_trainer(tmp_path, lora_model(perturb=0.5))
+    metrics = trainer.evaluate(token_dataset(4, seed=1))
+    assert metrics["eval_blockem/penalty"] > 0
+    assert "eval_loss" in metrics
+
+
+# ---- hook lifecycle -------------------------------------------------------------------------------------------
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_no_hook_left_after_train_evaluate_exception_and_generate(tmp_path):
+    model = lora_model()
+    before = _hook_count(model)
+    trainer = make_trainer(tmp_path, model)
+    trainer.train()
+    assert _hook_count(model) == before
+    trainer.evaluate(token_dataset(4))
+    assert _hook_count(model) == before
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("boom")
+
+    failing = make_trainer(tmp_path / "f", model)
+    failing.add_callback(Boom())
+    with pytest.raises(RuntimeError, match="boom"):
+        failing.train()
+    assert _hook_count(model) == before
+    model.generate(torch.tensor([[1, 7, 8]]), max_new_tokens=2, do_sample=False)
+    assert _hook_count(model) == before
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+
+def test_refuses_model_without_adapters(tmp_path):
+    with pytest.raises(ValueError, match="PEFT"):
+        make_trainer(tmp_path, tiny_model("llama"))
+
+
+def test_refuses_latent_set_of_another_hidden_size(tmp_path):
+    with pytest.raises(ValueError, match=str(HIDDEN)):
+        make_trainer(tmp_path, lora_model(), latent_set=tiny_latent_set(d_in=HIDDEN * 2))
+
+
+def test_refuses_layer_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match="layer"):
+        make_trainer(tmp_path, lora_model(), latent_set=tiny_latent_set(layer=7))
+
+
+def test_refuses_missing_latent_set_and_unknown_mode(tmp_path):
+    with pytest.raises(ValueError, match="needs a latent set"):
+        BlockEMTrainer(model=lora_model(), args=BlockEMConfig(output_dir=str(tmp_path), report_to="none"))
+    with pytest.raises(ValueError, match="base_activations"):
+        BlockEMConfig(output_dir=str(tmp_path), base_activations="telepathy")
+
+
+def test_reentrant_hook_without_gradient_path_is_refused(tmp_path):
+    # Simulate a transformers version whose checkpoint wraps the layer's hooks: run the hooked layer under no_grad.
+    model = lora_model(perturb=0.5)
+    trainer = make_trainer(tmp_path, model)
+    layer = get_decoder_layers(model)[LAYER]
+    original = layer.forward
+
+    def forward_without_grad(*args, **kwargs):
+        with torch.no_grad():
+            return original(*args, **kwargs)
+
+    layer.forward = forward_without_grad
+    batch = pad_collator([token_dataset()[i] for i in range(2)])
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        trainer.compute_loss(model.train(), batch)
+
+
+def test_config_parses_from_command_line_and_serialises(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(BlockEMSFTConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--latent_set",
+            "org/latents",
+            "--block_lambda",
+            "250",
+            "--report_to",
+            "none",
+            "--use_cpu",
+        ]
+    )
+    assert args.latent_set == "org/latents" and args.block_lambda == 250.0 and args.base_activations == "auto"
+    args.latent_set = tiny_latent_set()
+    assert isinstance(args.to_dict()["latent_set"], str)
+    assert "block_lambda" in args.to_json_string()
+
+
+def test_collator_from_transformers_works(tmp_path):
+    # The stock causal-LM collator (labels = input ids, pads as -100) goes through unchanged.
+    tokenizer = tiny_chat_tokenizer()
+    data = Dataset.from_list([{"input_ids": tokenizer("w1 w2 w3 w4 w5")["input_ids"]} for _ in range(4)])
+    trainer = make_trainer(tmp_path, lora_model(perturb=0.5), train_dataset=data)
+    trainer.data_collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    trainer.train()
+    assert trainer.state.log_history[0]["blockem/penalty"] > 0
