@@ -364,20 +364,23 @@ class LatentSet(
         for layer in layers:
             if layer.d_in != d_in:
                 raise ValueError(f"Layer {layer.layer}: W_enc has d_in={layer.d_in}, the set has d_in={d_in}.")
-        metadata = dict(metadata or {})
-        try:
-            json.dumps(metadata)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"Expected `metadata` to be JSON-serialisable: {error}.") from error
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"Expected `metadata` to be a dict, got {type(metadata).__name__}.")
         self.layers = sorted(layers, key=lambda layer: layer.layer)
         self.base_model = base_model
         self.base_model_revision = base_model_revision
         self.d_in = d_in
-        self.metadata = metadata
+        self.metadata = dict(metadata or {})
         self.format_version = FORMAT_VERSION
         self.library_version = _library_version()
         self.resolved_commit: str | None = None
         self.source: str | None = None
+        try:
+            json.dumps(self.to_dict())  # metadata, provenance dicts and module paths end up in the file's JSON
+        except (TypeError, ValueError) as error:
+            raise ValueError(
+                f"Expected `metadata` and each layer's `sae` dict to be JSON-serialisable: {error}."
+            ) from error
 
     @property
     def layer_indices(self) -> list[int]:

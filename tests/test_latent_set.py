@@ -200,6 +200,9 @@ def test_constructor_validation():
         LatentSet([], base_model="m", d_in=D_IN)
     with pytest.raises(ValueError, match="non-empty Hub id"):
         LatentSet([blocked], base_model="", d_in=D_IN)
+    blocked.sae["handle"] = torch.zeros(1)
+    with pytest.raises(ValueError, match="`sae` dict to be JSON-serialisable"):
+        LatentSet([blocked], base_model="m", d_in=D_IN)
 
 
 def make_sae_layer() -> BlockedLayer:

@@ -141,6 +141,8 @@ BAD_FILES = {
     "missing normalization": (set_key("normalize_activations", DELETE, layer=True), r"\['normalize_activations'\]"),
     "missing d_sae": (set_key("sae", {"release": "r"}, layer=True), "'sae' object with an int 'd_sae'"),
     "no layers": (set_key("layers", []), "'layers' to be a non-empty list"),
+    "metadata not an object": (set_key("metadata", [1, 2]), "`metadata` to be a dict, got list"),
+    "base_model not a string": (set_key("base_model", 3), "`base_model` to be a non-empty Hub id"),
     "apply_b_dec not bool": (set_key("apply_b_dec_to_input", "yes", layer=True), "apply_b_dec_to_input to be a bool"),
     "topk architecture": (
         set_key("architecture", "topk", layer=True),
