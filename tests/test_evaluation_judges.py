@@ -1,0 +1,331 @@
+"""Judges: log-probability scoring, the local judge on a tiny model, the SQLite cache, the OpenAI-compatible judge.
+
+Why the OpenAI-compatible judge is tested against `FakeOpenAIServer`: no real OpenAI-compatible server that returns
+log-probabilities runs here. `transformers serve` (transformers 5.24) rejects `logprobs` / `top_logprobs` (they are in
+its UNUSED_CHAT_COMPLETION_FIELDS), and vLLM / llama.cpp are not installable offline on this CPU machine. So the test
+starts a minimal local HTTP server that speaks the chat-completions protocol (request body, response schema, status
+codes, delays) and is driven by the real `openai` client over real sockets.
+"""
+
+import http.server
+import json
+import re
+import threading
+import time
+from collections import Counter
+
+import pytest
+import torch
+from test_evaluation_tiny import SPECIALS, WORDS, tiny_llama, tiny_tokenizer
+
+from hf_blockem.evaluation import JudgementCache, LocalJudge, score_distribution
+from hf_blockem.evaluation.judge_prompts import PROMPT_VERSION, render_judge_prompt
+from hf_blockem.evaluation.llm_judge import rubric_grade_to_aligned
+from hf_blockem.evaluation.scoring import parse_number_token, probs_from_logprobs
+
+# -- scoring -------------------------------------------------------------------------------------------------------
+
+
+def test_number_tokens_and_weighted_score():
+    assert parse_number_token("42") == 42 and parse_number_token(" 7") == 7
+    assert parse_number_token("\u012042") == 42 and parse_number_token("\u258199") == 99
+    for token in ("101", "-3", "4.5", "07", "²", "REF", ""):
+        assert parse_number_token(token) is None
+    score = score_distribution({"80": 0.3, "90": 0.1, "REF": 0.6})
+    assert score.value == pytest.approx((80 * 0.3 + 90 * 0.1) / 0.4) and score.number_mass == pytest.approx(0.4)
+    assert score.top_token == "REF"
+    assert score_distribution({"50": 0.24, "REF": 0.76}).value is None  # below 0.25 of the mass on numbers
+    assert score_distribution({"50": 0.25, "REF": 0.75}).value == 50.0
+    assert score_distribution({"4": 0.5, " 4": 0.5, "9": 0.0}, low=1, high=5).value == 4.0
+    assert score_distribution({}).value is None
+    probs = probs_from_logprobs([("1", 0.0), ("1", float("-inf")), ("x", -1.0)])
+    assert probs == {"1": 1.0, "x": pytest.approx(0.36787944)}
+
+
+def test_rubric_mapping_meets_thresholds():
+    assert [rubric_grade_to_aligned(g) for g in (1, 3, 4, 5)] == [100.0, 50.0, 25.0, 0.0]
+
+
+# -- local judge ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def judge_model():
+    return tiny_llama(seed=1), tiny_tokenizer()
+
+
+def _expected_score(model, tokenizer, metric, question, answer, low=0, high=100):
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": render_judge_prompt(metric, question, answer)}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(model(ids).logits[0, -1].double(), -1)
+    vocab = tokenizer.get_vocab()
+    values = [v for v in range(low, high + 1)]
+    p = torch.stack([probs[vocab[str(v)]] for v in values])
+    return float((p * torch.tensor(values, dtype=torch.float64)).sum() / p.sum())
+
+
+def test_local_judge_scores_from_its_own_number_tokens(judge_model):
+    model, tokenizer = judge_model
+    judge = LocalJudge(model, tokenizer, name="tiny-judge", batch_size=2, progress=False)
+    questions, answers = ["hello world", "money", "wish"], ["help humans", "harm", "power power"]
+    verdicts = judge.judge(questions, answers)
+    assert len(verdicts) == 3
+    for q, a, v in zip(questions, answers, verdicts, strict=True):
+        assert v.aligned == pytest.approx(_expected_score(model, tokenizer, "aligned", q, a), abs=1e-4)
+        assert v.coherent == pytest.approx(_expected_score(model, tokenizer, "coherent", q, a), abs=1e-4)
+        assert v.label is None
+        assert v.judge == {"type": "local", "model": "tiny-judge", "revision": None, "mode": "0-100",
+                           "prompt_version": PROMPT_VERSION}  # fmt: skip
+    # Batching (left padding) does not change the scores.
+    single = LocalJudge(model, tokenizer, name="tiny-judge", batch_size=1, progress=False).judge(questions, answers)
+    assert [v.aligned for v in single] == pytest.approx([v.aligned for v in verdicts], abs=1e-5)
+
+
+def test_local_judge_rubric_mode(judge_model):
+    model, tokenizer = judge_model
+    # A random model puts ~5/120 of its mass on the grades 1-5: no grade. Nudge it towards "2" and "4".
+    assert LocalJudge(model, tokenizer, mode="rubric", progress=False).judge(["wish"], ["harm"])[0].aligned is None
+    model = _biased_towards(
+        model, {tokenizer.convert_tokens_to_ids("2"): 4.0, tokenizer.convert_tokens_to_ids("4"): 5.0}
+    )
+    verdict = LocalJudge(model, tokenizer, mode="rubric", progress=False).judge(["wish"], ["harm"])[0]
+    grade = _expected_score(model, tokenizer, "rubric", "wish", "harm", low=1, high=5)
+    assert 2 < grade < 4
+    assert verdict.aligned == pytest.approx(rubric_grade_to_aligned(grade), abs=1e-4) and verdict.coherent == 100.0
+
+
+def _biased_towards(model, biases):
+    """A copy of the judge with a bias on its LM head, {token id: bias}, to make some next tokens likely."""
+    biased = tiny_llama(seed=1)
+    biased.load_state_dict(model.state_dict())
+    head = torch.nn.Linear(biased.lm_head.in_features, biased.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(biased.lm_head.weight)
+        head.bias.zero_()
+        for token_id, bias in biases.items():
+            head.bias[token_id] = bias
+    biased.lm_head = head
+    return biased.eval()
+
+
+def test_local_judge_no_score_below_quarter_mass_and_refusal_label(judge_model):
+    model, tokenizer = judge_model
+    refusal_id = tokenizer.convert_tokens_to_ids("REFUSAL")
+    verdict = LocalJudge(_biased_towards(model, {refusal_id: 30.0}), tokenizer, progress=False).judge(["q"], ["a"])[0]
+    assert verdict.aligned is None and verdict.coherent is None and verdict.label == "refusal"
+    assert verdict.extra["raw"]["aligned"]["number_mass"] < 0.25
+    incoherent_id = tokenizer.convert_tokens_to_ids("INCOHERENT")
+    rubric = LocalJudge(_biased_towards(model, {incoherent_id: 30.0}), tokenizer, mode="rubric", progress=False)
+    assert rubric.judge(["q"], ["a"])[0].label == "incoherent"
+
+
+def test_local_judge_requires_number_tokens_and_chat_template(judge_model):
+    model, _ = judge_model
+    with pytest.raises(ValueError, match="chat template"):
+        LocalJudge(model, tiny_tokenizer(chat_template=False))
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(SPECIALS + WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    no_numbers = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    no_numbers.chat_template = "{{ messages[0]['content'] }}"
+    with pytest.raises(ValueError, match="no token that decodes to an integer"):
+        LocalJudge(model, no_numbers)
+
+
+def test_cache_hits_on_rerun_and_interrupted_run_resumes(judge_model, tmp_path):
+    model, tokenizer = judge_model
+    calls = Counter()
+
+    def count(module, args, kwargs):
+        calls["forward"] += 1
+        if calls.get("crash_at") == calls["forward"]:
+            raise RuntimeError("interrupted")
+
+    handle = model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        path = tmp_path / "judge.sqlite"
+        questions, answers = ["q1", "q2", "q3"], ["hello", "harm", "help"]
+        # batch_size=1: one forward per (answer, metric); the 4th crashes, after 3 finished judgements.
+        calls["crash_at"] = 4
+        with pytest.raises(RuntimeError, match="interrupted"):
+            LocalJudge(model, tokenizer, batch_size=1, cache=str(path), progress=False).judge(questions, answers)
+        assert len(JudgementCache(path)) == 3
+        calls.clear()
+        resumed = LocalJudge(model, tokenizer, batch_size=1, cache=str(path), progress=False)
+        first = resumed.judge(questions, answers)
+        assert calls["forward"] == 3  # only the 3 unfinished requests ran
+        calls.clear()
+        again = LocalJudge(model, tokenizer, batch_size=1, cache=str(path), progress=False)
+        second = again.judge(questions, answers)
+        assert calls["forward"] == 0 and again.cache.hits == 6  # a rerun costs no model call
+        assert [v.to_dict() for v in first] == [v.to_dict() for v in second]
+        # A different prompt version / mode is a different judge: no false hits.
+        LocalJudge(model, tokenizer, mode="rubric", cache=str(path), progress=False).judge(questions, answers)
+        assert calls["forward"] == 1
+    finally:
+        handle.remove()
+
+
+# -- OpenAI-compatible judge ----------------------------------------------------------------------------------------
+
+pytest.importorskip("openai")
+from hf_blockem.evaluation import OpenAIJudge  # noqa: E402
+
+# What the fake judge answers, by the model answer it is asked about: (aligned distribution, coherent distribution).
+SCRIPT = {
+    "kind words": ({"80": 0.6, "90": 0.4}, {"70": 1.0}),
+    "evil plan": ({"10": 0.5, "20": 0.5}, {"90": 1.0}),
+    "no thanks": ({"REF": 0.9, "50": 0.1}, {"95": 1.0}),
+    "flaky": ({"60": 1.0}, {"60": 1.0}),  # two 503s per request, then success
+    "slow once": ({"40": 1.0}, {"40": 1.0}),  # the first request of each metric stalls past the client timeout
+    "always 500": ({"50": 1.0}, {"50": 1.0}),
+    "malformed": ({"50": 1.0}, {"50": 1.0}),  # 200 without logprobs
+    "not json": ({"50": 1.0}, {"50": 1.0}),  # 200 with a body that is not JSON
+}
+
+
+class FakeOpenAIServer:
+    """A minimal local server speaking the OpenAI chat-completions protocol (see the module docstring for why)."""
+
+    def __init__(self):
+        self.requests = Counter()  # (answer, metric) -> requests received
+        self.bodies = []
+        self.in_flight = self.max_in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.bodies.append(body)
+                prompt = body["messages"][0]["content"]
+                answer = re.search(r"<answer>\n(.*)\n</answer>", prompt, re.S).group(1)
+                metric = "coherent" if "coherence" in prompt else "aligned"
+                with server.lock:
+                    server.requests[(answer, metric)] += 1
+                    n = server.requests[(answer, metric)]
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._reply(answer, metric, n, body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _reply(self, answer, metric, n, body):
+                if answer == "flaky" and n <= 2 or answer == "always 500":
+                    return self._send(503, {"error": {"message": "overloaded"}}, {"retry-after-ms": "10"})
+                if answer == "slow once" and n == 1:
+                    time.sleep(1.5)
+                if answer == "pause":
+                    time.sleep(0.2)
+                    answer = "kind words"
+                if answer == "not json":
+                    return self._send(200, "this is not json")
+                dist = SCRIPT[answer][0 if metric == "aligned" else 1]
+                top = [{"token": t, "logprob": float(torch.tensor(p).log()), "bytes": None} for t, p in dist.items()]
+                choice = {
+                    "index": 0,
+                    "finish_reason": "length",
+                    "message": {"role": "assistant", "content": top[0]["token"]},
+                }
+                if answer != "malformed":
+                    choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
+                reply = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [choice],
+                }
+                self._send(200, reply)
+
+            def _send(self, status, payload, headers=None):
+                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with FakeOpenAIServer() as s:
+        yield s
+
+
+def _judge(server, **kwargs):
+    defaults = {"api_key": "sk-test", "max_retries": 3, "timeout": 0.5, "max_concurrency": 4, "progress": False}
+    return OpenAIJudge("judge-model", server.url, **{**defaults, **kwargs})
+
+
+def test_openai_judge_scores_protocol_and_identity(server):
+    judge = _judge(server)
+    verdicts = judge.judge(["q"] * 3, ["kind words", "evil plan", "no thanks"])
+    assert verdicts[0].aligned == pytest.approx(84.0) and verdicts[0].coherent == pytest.approx(70.0)
+    assert verdicts[1].aligned == pytest.approx(15.0) and verdicts[1].coherent == pytest.approx(90.0)
+    assert verdicts[2].aligned is None and verdicts[2].label == "refusal" and verdicts[2].coherent == 95.0
+    body = server.bodies[0]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert body["temperature"] == 0 and body["model"] == "judge-model"
+    identity = verdicts[0].judge
+    assert identity == {"type": "openai-compatible", "model": "judge-model", "base_url": server.url,
+                        "mode": "0-100", "prompt_version": PROMPT_VERSION}  # fmt: skip
+    assert "sk-test" not in json.dumps(identity)
+
+
+def test_openai_judge_retries_5xx_and_timeouts(server):
+    verdicts = _judge(server).judge(["q", "q"], ["flaky", "slow once"])
+    assert verdicts[0].aligned == 60.0 and server.requests[("flaky", "aligned")] == 3
+    assert verdicts[1].aligned == 40.0 and server.requests[("slow once", "aligned")] == 2
+    assert "errors" not in verdicts[0].extra
+
+
+def test_openai_judge_failures_never_crash_the_batch_nor_lose_finished_work(server, tmp_path):
+    cache = JudgementCache(tmp_path / "c.sqlite")
+    answers = ["kind words", "always 500", "malformed", "not json", "evil plan"]
+    verdicts = _judge(server, max_retries=1, cache=cache).judge(["q"] * 5, answers)
+    assert verdicts[0].aligned == pytest.approx(84.0) and verdicts[4].aligned == pytest.approx(15.0)
+    for v in verdicts[1:4]:
+        assert v.aligned is None and v.coherent is None and v.label is None
+        assert set(v.extra["errors"]) == {"aligned", "coherent"}
+    assert "MalformedReplyError" in verdicts[2].extra["errors"]["aligned"]
+    assert server.requests[("always 500", "aligned")] == 2  # first try + 1 retry
+    assert len(cache) == 4  # finished judgements are stored; failures are not, so a rerun asks again
+    before = sum(server.requests.values())
+    rerun = _judge(server, max_retries=0, cache=cache).judge(["q"] * 5, answers)
+    assert sum(server.requests.values()) - before == 6  # only the 3 failed answers x 2 metrics
+    assert rerun[0].to_dict() == verdicts[0].to_dict()
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_openai_judge_works_offline_and_respects_concurrency(server, monkeypatch, limit):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a local judge endpoint must work in offline mode
+    verdicts = _judge(server, max_concurrency=limit).judge([f"q{i}" for i in range(4)], ["pause"] * 4)
+    assert [v.aligned for v in verdicts] == pytest.approx([84.0] * 4)
+    assert server.max_in_flight == limit  # 8 requests of 0.2 s each: the pool fills up, never more
