@@ -107,8 +107,9 @@ class EvaluationResult:
 
     def to_markdown(self) -> str:
         """A Markdown table of the headline numbers (primary judge), one row per model, with 95% CIs."""
-        has_target = bool(self.target)
-        head = ["model", "EM rate", "incoherent", "refusal", "n"] + (["in-domain target"] if has_target else [])
+        has_target, has_loss = bool(self.target), bool(self.held_out_loss)
+        head = ["model", "EM rate", "incoherent", "refusal", "n"]
+        head += (["in-domain target"] if has_target else []) + (["held-out loss"] if has_loss else [])
         lines = [f"Judge: `{self.primary_judge}`", "", "| " + " | ".join(head) + " |"]
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for model in self.metrics:
@@ -116,6 +117,8 @@ class EvaluationResult:
             row = [model, str(m.em_rate), str(m.incoherence_rate), str(m.refusal_rate), str(m.n)]
             if has_target:
                 row.append(str(self.target[model]) if model in self.target else "–")
+            if has_loss:
+                row.append(f"{self.held_out_loss[model]:.3f}" if model in self.held_out_loss else "–")
             lines.append("| " + " | ".join(row) + " |")
         for model, pairs in self.agreement.items():
             for pair, agreement in pairs.items():
