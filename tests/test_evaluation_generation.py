@@ -139,3 +139,19 @@ def test_hook_handles_tuple_outputs_of_older_decoder_layers():
     assert isinstance(out, tuple) and out[1] is extra
     assert torch.equal(out[0], torch.full((1, 3, 4), 2.0))
     assert torch.equal(hook(None, (), hidden), torch.full((1, 3, 4), 2.0))
+
+
+def test_steering_through_a_peft_wrapper(chat):
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = chat
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(2))
+    kwargs = {"n_samples": 2, "max_new_tokens": 5, "seed": 0, "progress": False}
+    plain = generate_responses(peft_model, tokenizer, PROMPTS, **kwargs)["response"]
+    zero = generate_responses(peft_model, tokenizer, PROMPTS, steering=Steering(1, direction, 0.0), **kwargs)
+    assert zero["response"] == plain
+    ids = tokenizer("<bos> <user> wish <end>", return_tensors="pt")["input_ids"]
+    base, _ = _layer_output(peft_model, ids, 1)
+    steered, _ = _layer_output(peft_model, ids, 1, Steering(1, direction, -1.5))
+    torch.testing.assert_close(steered - base, (-1.5 * direction).expand_as(base))

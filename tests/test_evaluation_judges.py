@@ -299,6 +299,14 @@ def test_openai_judge_scores_protocol_and_identity(server):
     assert "sk-test" not in json.dumps(identity)
 
 
+def test_repeated_answers_cost_one_request_each(server):
+    verdicts = _judge(server).judge(
+        ["q", "q", "q", "other q"], ["kind words", "kind words", "evil plan", "kind words"]
+    )
+    assert [v.aligned for v in verdicts] == pytest.approx([84.0, 84.0, 15.0, 84.0])
+    assert sum(server.requests.values()) == 6  # 3 distinct (question, answer) pairs x 2 metrics
+
+
 def test_openai_judge_retries_5xx_and_timeouts(server):
     verdicts = _judge(server).judge(["q", "q"], ["flaky", "slow once"])
     assert verdicts[0].aligned == 60.0 and server.requests[("flaky", "aligned")] == 3

@@ -265,7 +265,7 @@ def generate_responses(
         steering=steering,
         progress=progress,
     )
-    rows: dict[str, list[Any]] = {k: [] for k in _FEATURES()}
+    rows: dict[str, list[Any]] = {k: [] for k in _features()}
     for prompt, samples in zip(items, answers, strict=True):
         for i, answer in enumerate(samples):
             rows["prompt"].append(prompt.question)
@@ -275,10 +275,10 @@ def generate_responses(
             rows["category"].append(prompt.category)
             rows["system"].append(prompt.system)
             rows["reference"].append(prompt.reference)
-    return datasets.Dataset.from_dict(rows, features=_FEATURES())
+    return datasets.Dataset.from_dict(rows, features=_features())
 
 
-def _FEATURES():  # noqa: N802 (a constant built lazily so that importing this module does not import datasets)
+def _features():  # built lazily so that importing this module does not import datasets
     import datasets
 
     return datasets.Features(

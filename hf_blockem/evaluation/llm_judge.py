@@ -88,30 +88,38 @@ class LogprobJudge:
         if len(questions) != len(answers):
             raise ValueError(f"Expected as many answers as questions, got {len(answers)} and {len(questions)}.")
         identity = self.identity
-        results: dict[tuple[int, str], dict[str, Any]] = {}
-        todo: list[tuple[int, str]] = []
-        for i, (q, a) in enumerate(zip(questions, answers, strict=True)):
+        # Keyed by (question, answer, metric): repeated answers (short replies often repeat) cost one request.
+        results: dict[tuple[str, str, str], dict[str, Any]] = {}
+        todo: list[tuple[str, str, str]] = []
+        for q, a in zip(questions, answers, strict=True):
             for metric in self.metrics:
+                key = (q, a, metric)
+                if key in results:  # already cached, or already queued
+                    continue
                 cached = self.cache.get(identity, q, a, metric) if self.cache is not None else None
                 if cached is None:
-                    todo.append((i, metric))
+                    todo.append(key)
+                    results[key] = {}
                 else:
-                    results[(i, metric)] = cached
+                    results[key] = cached
         if todo:
-            prompts = [render_judge_prompt(m, questions[i], answers[i]) for i, m in todo]
+            prompts = [render_judge_prompt(m, q, a) for q, a, m in todo]
             bar = tqdm(total=len(todo), desc="judging", disable=not self.progress, unit="request")
             for k, outcome in self._distributions(prompts):
-                i, metric = todo[k]
+                q, a, metric = key = todo[k]
                 if isinstance(outcome, Exception):
                     logger.warning("Judge request failed (%s: %s); the answer stays unscored.", metric, outcome)
-                    results[(i, metric)] = {"score": None, "error": f"{type(outcome).__name__}: {outcome}"}
+                    results[key] = {"score": None, "error": f"{type(outcome).__name__}: {outcome}"}
                 else:
-                    results[(i, metric)] = self._score(metric, outcome)
+                    results[key] = self._score(metric, outcome)
                     if self.cache is not None:
-                        self.cache.put(identity, questions[i], answers[i], metric, results[(i, metric)])
+                        self.cache.put(identity, q, a, metric, results[key])
                 bar.update(1)
             bar.close()
-        return [self._judgement(identity, {m: results[(i, m)] for m in self.metrics}) for i in range(len(questions))]
+        return [
+            self._judgement(identity, {m: results[(q, a, m)] for m in self.metrics})
+            for q, a in zip(questions, answers, strict=True)
+        ]
 
     def _judgement(self, identity: dict[str, Any], per_metric: dict[str, dict[str, Any]]) -> Judgement:
         extra = {"raw": per_metric}

@@ -154,17 +154,20 @@ class EvaluationResult:
             if points:
                 xy = np.asarray(points, dtype=float) + rng.normal(0, 0.8, size=(len(points), 2))
                 ax.scatter(xy[:, 0], xy[:, 1], s=8, alpha=0.5, color="tab:blue")
+            else:
+                ax.text(50, 50, "no 0–100 scores\n(labels only)", ha="center", va="center", fontsize=8)
             ax.axhline(ALIGNED_THRESHOLD, color="tab:red", lw=0.8, ls="--")
             ax.axvline(COHERENT_THRESHOLD, color="0.4", lw=0.8, ls="--")
             ax.set(xlim=(-2, 102), ylim=(-2, 102), xlabel="coherent", ylabel="aligned")
             ax.set_title(f"{model}\nEM {self[model].em_rate}", fontsize=9)
         ax = axes[0][-1]
         x = np.arange(len(models))
-        for offset, name, color in ((-0.2, "em_rate", "tab:red"), (0.2, "incoherence_rate", "0.5")):
+        bars = ((-0.2, "em_rate", "EM rate", "tab:red"), (0.2, "incoherence_rate", "incoherent", "0.5"))
+        for offset, name, label, color in bars:
             rates = [getattr(self[m], name) for m in models]
             values = np.array([r.value for r in rates]) * 100
             errors = np.array([[r.value - r.ci_low, r.ci_high - r.value] for r in rates]).T * 100
-            ax.bar(x + offset, values, 0.4, yerr=errors, capsize=3, color=color, label=name.replace("_", " "))
+            ax.bar(x + offset, values, 0.4, yerr=errors, capsize=3, color=color, label=label)
         ax.set_xticks(x, models, rotation=30, ha="right", fontsize=8)
         ax.set(ylabel="% of answers", title=f"judge: {judge}"[:60])
         ax.title.set_fontsize(8)
