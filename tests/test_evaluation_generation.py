@@ -155,3 +155,15 @@ def test_steering_through_a_peft_wrapper(chat):
     base, _ = _layer_output(peft_model, ids, 1)
     steered, _ = _layer_output(peft_model, ids, 1, Steering(1, direction, -1.5))
     torch.testing.assert_close(steered - base, (-1.5 * direction).expand_as(base))
+
+
+def test_model_generation_config_defaults_do_not_change_sampling(chat):
+    model, tokenizer = chat
+    kwargs = {"n_samples": 3, "max_new_tokens": 6, "seed": 5, "progress": False}
+    plain = generate_responses(model, tokenizer, PROMPTS, **kwargs)["response"]
+    old = (model.generation_config.top_k, model.generation_config.repetition_penalty)
+    try:
+        model.generation_config.top_k, model.generation_config.repetition_penalty = 1, 3.0
+        assert generate_responses(model, tokenizer, PROMPTS, **kwargs)["response"] == plain
+    finally:
+        model.generation_config.top_k, model.generation_config.repetition_penalty = old

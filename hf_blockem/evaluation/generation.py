@@ -177,9 +177,13 @@ class TransformersBackend:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
-        sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
-        if temperature != 0:
-            sampling["top_p"] = top_p
+        # Plain temperature / top-p sampling as in the literature: a model's own generation_config defaults (Qwen ships
+        # top_k=20 and a repetition penalty) would otherwise make EM rates incomparable across models.
+        sampling: dict[str, Any] = {"top_k": 0, "repetition_penalty": 1.0}
+        if temperature == 0:
+            sampling.update(do_sample=False, temperature=None, top_p=None)
+        else:
+            sampling.update(do_sample=True, temperature=temperature, top_p=top_p)
         device = next(model.parameters()).device
         answers: list[str] = []
         padding_side, was_training = tokenizer.padding_side, model.training
