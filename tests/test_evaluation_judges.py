@@ -175,9 +175,6 @@ def test_cache_hits_on_rerun_and_interrupted_run_resumes(judge_model, tmp_path):
 
 # -- OpenAI-compatible judge ----------------------------------------------------------------------------------------
 
-pytest.importorskip("openai")
-from hf_blockem.evaluation import OpenAIJudge  # noqa: E402
-
 # What the fake judge answers, by the model answer it is asked about: (aligned distribution, coherent distribution).
 SCRIPT = {
     "kind words": ({"80": 0.6, "90": 0.4}, {"70": 1.0}),
@@ -275,11 +272,14 @@ class FakeOpenAIServer:
 
 @pytest.fixture
 def server():
+    pytest.importorskip("openai")  # an optional dependency: only these tests need it
     with FakeOpenAIServer() as s:
         yield s
 
 
 def _judge(server, **kwargs):
+    from hf_blockem.evaluation import OpenAIJudge
+
     defaults = {"api_key": "sk-test", "max_retries": 3, "timeout": 0.5, "max_concurrency": 4, "progress": False}
     return OpenAIJudge("judge-model", server.url, **{**defaults, **kwargs})
 
