@@ -1,0 +1,32 @@
+"""Latent selection (BLOCK-EM Stages 1–3): activation shifts, the induce / repair screen, strength calibration, and
+random-latent controls. The result is a `LatentSet` ready to train against or push to the Hub, plus a report."""
+
+from .calibration import Calibration, calibrate, rank_and_select
+from .controls import firing_latents, random_control
+from .pipeline import LayerSelection, SelectionConfig, SelectionResult, select_latents, select_layer
+from .probe import ProbeResult, SteeringProbe
+from .screen import Candidate, ScreenResult, keep_causal, screen_candidates
+from .shifts import activation_shifts, candidate_pool, response_latents, tokenize_responses
+
+__all__ = [
+    "Calibration",
+    "Candidate",
+    "LayerSelection",
+    "ProbeResult",
+    "ScreenResult",
+    "SelectionConfig",
+    "SelectionResult",
+    "SteeringProbe",
+    "activation_shifts",
+    "calibrate",
+    "candidate_pool",
+    "firing_latents",
+    "keep_causal",
+    "random_control",
+    "rank_and_select",
+    "response_latents",
+    "screen_candidates",
+    "select_latents",
+    "select_layer",
+    "tokenize_responses",
+]

@@ -1,0 +1,119 @@
+"""Stage 3: per-latent strength calibration under an incoherence budget, ranking, and the K+ / K− split.
+
+For each shortlisted latent, sweep the steering multiplier; its calibrated strength is the largest one whose answers
+stay within the incoherence budget (default: at most 10% incoherent). Repair efficiency = EM of the misaligned model
+at α = 0 minus its EM when steered away at the calibrated strength. Latents are ranked by repair efficiency; the
+`"induce_and_repair"` rule (the paper's main rule) first requires non-zero induction at the calibrated inducing
+strength, `"repair_only"` does not (induction can fail where repair works).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .probe import ProbeResult, SteeringProbe
+from .screen import Candidate
+
+RULES = ("induce_and_repair", "repair_only")
+
+
+@dataclass
+class Calibration:
+    """Stage-3 sweep of one latent."""
+
+    candidate: Candidate
+    multipliers: list[float]
+    repair: list[ProbeResult]
+    induce: list[ProbeResult] | None
+    budget: float
+
+    def _safe_index(self, results: Sequence[ProbeResult]) -> int | None:
+        safe = [i for i, r in enumerate(results) if r.incoherence_rate <= self.budget]
+        return max(safe, key=lambda i: self.multipliers[i]) if safe else None
+
+    @property
+    def repair_multiplier(self) -> float | None:
+        i = self._safe_index(self.repair)
+        return None if i is None else self.multipliers[i]
+
+    @property
+    def induce_multiplier(self) -> float | None:
+        i = None if self.induce is None else self._safe_index(self.induce)
+        return None if i is None else self.multipliers[i]
+
+    def repair_efficiency(self, misaligned: ProbeResult) -> float:
+        i = self._safe_index(self.repair)
+        return 0.0 if i is None else misaligned.em_rate - self.repair[i].em_rate
+
+    def induction(self, base: ProbeResult) -> float:
+        i = None if self.induce is None else self._safe_index(self.induce)
+        return 0.0 if i is None else self.induce[i].em_rate - base.em_rate
+
+    @property
+    def alpha(self) -> float:
+        """The calibrated repair strength in absolute units (0 when no strength fits the budget)."""
+        m = self.repair_multiplier
+        return 0.0 if m is None else m * self.candidate.scale
+
+    def to_dict(self, base: ProbeResult, misaligned: ProbeResult) -> dict[str, Any]:
+        return {
+            "latent": self.candidate.latent,
+            "sign": self.candidate.sign,
+            "delta": self.candidate.delta,
+            "scale": self.candidate.scale,
+            "multipliers": self.multipliers,
+            "repair": [r.to_dict() for r in self.repair],
+            "induce": None if self.induce is None else [r.to_dict() for r in self.induce],
+            "repair_multiplier": self.repair_multiplier,
+            "induce_multiplier": self.induce_multiplier,
+            "alpha": self.alpha,
+            "repair_efficiency": self.repair_efficiency(misaligned),
+            "induction": self.induction(base),
+        }
+
+
+def calibrate(
+    shortlist: Sequence[Candidate],
+    layer: int,
+    base_probe: SteeringProbe,
+    misaligned_probe: SteeringProbe,
+    *,
+    multipliers: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0),
+    budget: float = 0.10,
+    induce: bool = True,
+    progress: bool = True,
+) -> list[Calibration]:
+    """Sweeps every shortlisted latent over `multipliers`, repairing the misaligned model (and inducing on the base)."""
+    multipliers = sorted(float(m) for m in multipliers)
+    calibrations = []
+    for candidate in tqdm(shortlist, disable=not progress, desc=f"calibrate layer {layer}"):
+        repair = [misaligned_probe.measure(candidate.steering(layer, m, toward_misaligned=False)) for m in multipliers]
+        induced = (
+            [base_probe.measure(candidate.steering(layer, m, toward_misaligned=True)) for m in multipliers]
+            if induce
+            else None
+        )
+        calibrations.append(Calibration(candidate, multipliers, repair, induced, budget))
+    return calibrations
+
+
+def rank_and_select(
+    calibrations: Sequence[Calibration],
+    base: ProbeResult,
+    misaligned: ProbeResult,
+    *,
+    n_select: int,
+    rule: str = "induce_and_repair",
+) -> list[Calibration]:
+    """The top `n_select` latents by repair efficiency, after the rule's pre-filter."""
+    if rule not in RULES:
+        raise ValueError(f"Expected a selection rule in {RULES}, got {rule!r}.")
+    eligible = [c for c in calibrations if c.repair_efficiency(misaligned) > 0]
+    if rule == "induce_and_repair":
+        eligible = [c for c in eligible if c.induction(base) > 0]
+    eligible.sort(key=lambda c: (-c.repair_efficiency(misaligned), -abs(c.candidate.delta)))
+    return eligible[:n_select]

@@ -1,0 +1,188 @@
+"""Latent selection on a tiny model with a planted misalignment direction and a real SAELens SAE."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from tiny_models import HIDDEN, WORDS, tiny_chat_tokenizer, tiny_model
+
+from hf_blockem.evaluation.generation import Steering, steer
+from hf_blockem.evaluation.judge_base import ALIGNED, INCOHERENT, MISALIGNED, Judgement
+from hf_blockem.selection import (
+    SelectionConfig,
+    SteeringProbe,
+    activation_shifts,
+    candidate_pool,
+    random_control,
+    select_latents,
+    tokenize_responses,
+)
+
+LAYER = 3  # the last decoder layer: a direction added there maps straight onto the logits
+PLANTED = 5  # the SAE latent whose decoder direction carries the planted behaviour
+BAD_WORD = "w50"
+D_SAE = 24
+
+
+def bad_direction(model, tokenizer) -> torch.Tensor:
+    """The unembedding row of BAD_WORD: adding it at the last layer makes the model say BAD_WORD."""
+    row = model.lm_head.weight[tokenizer.convert_tokens_to_ids(BAD_WORD)].detach().clone()
+    return row / row.norm()
+
+
+class BadWordJudge:
+    """Exact rule: an answer saying BAD_WORD at least twice is misaligned; an empty one is incoherent."""
+
+    identity = {"name": "bad-word", "version": 1}
+
+    def judge(self, questions, answers):
+        out = []
+        for answer in answers:
+            words = answer.split()
+            label = INCOHERENT if not words else MISALIGNED if words.count(BAD_WORD) >= 2 else ALIGNED
+            out.append(Judgement(label=label, judge=self.identity))
+        return out
+
+
+def planted_setup(strength: float = 12.0, layer: int = LAYER):
+    """A base model, a 'misaligned' copy that always adds strength·d* at LAYER, and an SAE with latent PLANTED = d*."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    tokenizer = tiny_chat_tokenizer()
+    base = tiny_model("llama")
+    with torch.no_grad():  # a random model's logits are nearly flat; make the residual direction matter
+        base.lm_head.weight.mul_(30.0)
+    direction = bad_direction(base, tokenizer)
+    misaligned = copy.deepcopy(base)
+    # The planted mechanism: a permanent shift along d* in the misaligned model's residual stream.
+    misaligned._planted = steer(misaligned, Steering(layer, direction, strength))
+    misaligned._planted.__enter__()
+
+    torch.manual_seed(0)
+    # An orthonormal dictionary whose latent PLANTED reads exactly d*; the others read directions orthogonal to it.
+    basis = torch.linalg.qr(torch.cat([direction[:, None], torch.randn(HIDDEN, HIDDEN - 1)], dim=1))[0]
+    basis[:, 0] *= torch.sign(basis[:, 0] @ direction)
+    columns = torch.cat([basis, -basis[:, 1 : D_SAE - HIDDEN + 1]], dim=1)  # d_sae = 24 > d_in = 16
+    order = list(range(1, D_SAE))
+    order.insert(PLANTED, 0)
+    W_enc = columns[:, order]
+    sae = StandardSAE(StandardSAEConfig(d_in=HIDDEN, d_sae=D_SAE, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc)
+        sae.W_dec.copy_(W_enc.T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return base, misaligned, tokenizer, sae, direction
+
+
+PROMPTS = [" ".join(WORDS[i : i + 3]) for i in range(0, 24, 3)]
+FAST = SelectionConfig(
+    n_candidates=3,
+    n_select=2,
+    screen_multiplier=1.0,
+    multipliers=(0.5, 1.0, 2.0),
+    n_response_samples=2,
+    n_samples=2,
+    max_new_tokens=8,
+    batch_size=32,
+)
+
+
+def test_planted_latent_is_found_screened_and_calibrated(tmp_path):
+    base, misaligned, tokenizer, sae, _ = planted_setup()
+    result = select_latents(
+        base,
+        misaligned,
+        tokenizer,
+        {"planted_sae": (sae, LAYER)},
+        BadWordJudge(),
+        PROMPTS,
+        config=FAST,
+        cache_dir=tmp_path / "cache",
+        base_model_id="tests/tiny-llama",
+        progress=False,
+    )
+    run = result.layers[0]
+    assert run.baseline["misaligned"].em_rate > 0.5 > run.baseline["base"].em_rate
+    # Stage 1: the planted latent has the largest positive shift.
+    assert int(torch.argmax(run.delta)) == PLANTED
+    # Stage 2: it both induces (base) and repairs (misaligned).
+    screened = {r.candidate.latent: r for r in run.screen}
+    assert screened[PLANTED].induction(run.baseline["base"]) > 0
+    assert screened[PLANTED].repair_gain(run.baseline["misaligned"]) > 0
+    # Stage 3: it is selected into K+, with a calibrated strength near the planted one.
+    assert PLANTED in run.plus
+    layer = result.latent_set.layer(LAYER)
+    i = layer.latent_ids.index(PLANTED)
+    assert layer.statistics["alpha"][i] > 0 and layer.statistics["delta"][i] > 0
+    assert run.group_repair.em_rate < run.baseline["misaligned"].em_rate
+
+    out = result.save(tmp_path / "report")
+    report = json.loads((out / "report.json").read_text())
+    assert report["selected"][0]["selected"]["plus"] == run.plus
+    for name in ("report.md", "planted_sae_shifts.png", "planted_sae_screen.png", "planted_sae_alpha_sweeps.png"):
+        assert (out / name).stat().st_size > 0
+    from hf_blockem import LatentSet
+
+    assert LatentSet.from_pretrained(out / "latent_set").layer(LAYER).plus == run.plus
+
+
+def test_rerun_is_served_from_the_cache(tmp_path):
+    base, misaligned, tokenizer, sae, _ = planted_setup()
+    judge = BadWordJudge()
+    kwargs = {"judge": judge, "prompts": PROMPTS, "n_samples": 2, "max_new_tokens": 8, "cache_dir": tmp_path}
+    first = SteeringProbe(misaligned, tokenizer, name="misaligned", **kwargs)
+    result = first.measure()
+    again = SteeringProbe(misaligned, tokenizer, name="misaligned", **kwargs)
+    assert again.measure() == result and again.calls == 0 and first.calls == 1
+
+
+def test_stage1_shifts_equal_brute_force_with_full_sae():
+    # Layer 2, not the last: output_hidden_states of the last layer is taken after the final norm.
+    base, misaligned, tokenizer, sae, _ = planted_setup(layer=2)
+    questions = PROMPTS[:4]
+    responses = ["w1 w2 w50", "w50 w50", "w3", "w4 w5 w6 w7"]
+    shifts = activation_shifts(base, misaligned, tokenizer, sae, 2, questions, responses, batch_size=3, progress=False)
+    # Brute force: full forward with all hidden states, one conversation at a time, the full SAE on answer tokens.
+    deltas = []
+    for q, r in zip(questions, responses, strict=True):
+        tokens = tokenize_responses(tokenizer, [q], [r])
+        with torch.no_grad():
+            z = [
+                sae.encode(m(tokens.input_ids, output_hidden_states=True).hidden_states[3][tokens.response_mask])
+                for m in (misaligned, base)
+            ]
+        deltas.append(z[0] - z[1])
+    expected = torch.cat(deltas).mean(0)
+    torch.testing.assert_close(shifts["delta"], expected, rtol=1e-5, atol=1e-6)
+    assert shifts["n_tokens"].item() == sum(len(r.split()) + 1 for r in responses)  # answer words + EOS
+    plus, minus = candidate_pool(shifts["delta"], 2, 2)
+    assert plus[0] == PLANTED and all(shifts["delta"][k] < 0 for k in minus)
+
+
+def test_steering_at_zero_changes_nothing():
+    base, _, tokenizer, sae, direction = planted_setup()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "w1 w2"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        plain = base(**ids).logits
+        with steer(base, Steering(LAYER, direction, 0.0)):
+            steered = base(**ids).logits
+    assert torch.equal(plain, steered)
+
+
+def test_random_controls_are_reproducible_disjoint_and_firing():
+    firing = torch.tensor([0.0, 0.5, 0.2, 0.0, 0.3, 0.05, 0.001, 0.4, 0.6, 0.1])
+    a = random_control(2, 1, firing, exclude=[1, 8], seed=3)
+    assert a == random_control(2, 1, firing, exclude=[1, 8], seed=3)
+    drawn = a[0] + a[1]
+    assert len(a[0]) == 2 and len(a[1]) == 1 and len(set(drawn)) == 3
+    assert not set(drawn) & {1, 8}
+    assert all(firing[k] >= 0.01 for k in drawn)  # never a dead latent
+    assert any(random_control(2, 1, firing, exclude=[1, 8], seed=s) != a for s in range(10))
+    with pytest.raises(ValueError, match="fire on at least"):
+        random_control(5, 4, firing, exclude=[1, 8])
