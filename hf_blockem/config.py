@@ -24,6 +24,9 @@ class BlockEMArguments:
             [`LatentSet`] object. Can also be given to the trainer as `latent_set=`.
         latent_set_revision (`str`, *optional*):
             Branch, tag or commit of the latent set on the Hub. The resolved commit is recorded in the trainer state.
+        latent_set_strict (`bool`, *optional*, defaults to `False`):
+            Refuse a latent set that is not pinned: a Hub repo needs `latent_set_revision` to be a 40-hex commit, a
+            file needs a checksum, and a `LatentSet` object must have been loaded from one of them.
 
         > Parameters that control the penalty
 
@@ -56,6 +59,13 @@ class BlockEMArguments:
     latent_set_revision: str | None = field(
         default=None,
         metadata={"help": "Branch, tag or commit of the latent set on the Hub."},
+    )
+    latent_set_strict: bool = field(
+        default=False,
+        metadata={
+            "help": "Refuse a latent set that is not pinned: a Hub repo needs `latent_set_revision` to be a 40-hex "
+            "commit and the file a checksum."
+        },
     )
     block_lambda: float = field(
         default=100.0,

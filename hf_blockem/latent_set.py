@@ -560,6 +560,13 @@ class LatentSet(
         revision = f"@{self.base_model_revision}" if self.base_model_revision else ""
         return f"LatentSet(base_model={self.base_model}{revision}, d_in={self.d_in}, layers=[{layers}])"
 
+    def generate_model_card(self, *args, **kwargs):
+        """The repo's card (what the latents are, the SAE and its commit, selection figures, usage); see
+        `hf_blockem.latent_set_card`. `save_pretrained(..., model_card_kwargs={"repo_id": ...})` names the repo."""
+        from .latent_set_card import latent_set_model_card
+
+        return latent_set_model_card(self, **kwargs)
+
     def _save_pretrained(self, save_directory: Path) -> None:
         tensors = {name: t for layer in self.layers for name, t in layer._tensors().items()}
         description = self.to_dict()
