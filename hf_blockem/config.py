@@ -8,7 +8,7 @@ from typing import Any
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-BASE_ACTIVATION_MODES = ("auto", "adapter")
+BASE_ACTIVATION_MODES = ("auto", "adapter", "reference", "cache")
 
 
 @dataclass
@@ -46,7 +46,23 @@ class BlockEMArguments:
 
         base_activations (`str`, *optional*, defaults to `"auto"`):
             Where the base model's latent activations come from. `"adapter"`: the same PEFT model with its adapters
-            disabled, under no-grad, stopped after the deepest blocked layer. `"auto"`: `"adapter"` for PEFT models.
+            disabled, under inference mode, stopped after the deepest blocked layer (exact for LoRA, no extra memory).
+            `"reference"`: a frozen base model loaded from `base_model_name_or_path` (default: the latent set's
+            `base_model`) and cut after the deepest blocked layer, without LM head (for full fine-tuning; memory about
+            (L+1)/N of the decoder). `"cache"`: z_base on the blocked latents precomputed once for the whole training
+            set (|K| floats per token), stored in `base_activations_cache_dir` and keyed on the base weights, latent
+            set, dataset, tokeniser, max length and packing. `"auto"`: `"cache"` when the training set is map-style
+            and seen more than once, else `"adapter"` for PEFT models and `"reference"` for full fine-tuning.
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or local path of the base model for `"reference"` (and for `"cache"` without PEFT) when it is not
+            the latent set's `base_model`.
+        base_model_revision (`str`, *optional*):
+            Revision of the base model (default: the latent set's `base_model_revision` when
+            `base_model_name_or_path` is not set).
+        base_activations_cache_dir (`str`, *optional*):
+            Folder of the `"cache"` files. Default: beside the training set's own cache files when it has some, else
+            `<output_dir>/_blockem_base_activations` (the leading `_` keeps it out of Hub pushes). The precomputing
+            pass uses `per_device_eval_batch_size`.
     """
 
     latent_set: str | None = field(
@@ -85,9 +101,29 @@ class BlockEMArguments:
     base_activations: str = field(
         default="auto",
         metadata={
-            "help": "Where base activations come from: `adapter` (PEFT adapters disabled, no-grad, stopped after "
-            "the deepest blocked layer) or `auto`.",
+            "help": "Where base activations come from: `adapter` (PEFT adapters disabled, stopped after the "
+            "deepest blocked layer), `reference` (frozen base model cut after the deepest blocked layer, for full "
+            "fine-tuning), `cache` (precomputed once for the training set) or `auto` (cache when the training set "
+            "is seen more than once, else adapter for PEFT and reference for full fine-tuning).",
             "choices": list(BASE_ACTIVATION_MODES),
+        },
+    )
+    base_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path of the base model for base_activations `reference` (and `cache` without "
+            "PEFT); defaults to the latent set's `base_model`."
+        },
+    )
+    base_model_revision: str | None = field(
+        default=None,
+        metadata={"help": "Revision of the base model (default: the latent set's `base_model_revision`)."},
+    )
+    base_activations_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of the base-activation cache. Default: beside the training set's cache files, else "
+            "`<output_dir>/_blockem_base_activations`."
         },
     )
 

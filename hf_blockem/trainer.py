@@ -16,7 +16,7 @@ import torch
 from transformers import Trainer
 from trl import SFTTrainer
 
-from .base_activations import resolve_base_activations
+from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_base_activations
 from .hooks import ActivationCapture, get_decoder_layers, unwrap_model
 from .hub import (
     DIAGNOSTICS_PLOT_NAME,
@@ -98,8 +98,11 @@ class BlockEMTrainerMixin:
         )
         inner = unwrap_model(self.model)
         self.latent_set.validate_for_model(inner.config)
-        self._blockem_base = resolve_base_activations(self.args.base_activations, self.model)
         self._blockem_capture = ActivationCapture(self.model, self.latent_set.layer_indices)
+        self._blockem_base = resolve_base_activations(self, self._blockem_capture)
+        if isinstance(self._blockem_base, CachedBaseActivations):
+            # Each collated batch then carries its precomputed z_base (see hf_blockem.base_activations.cache).
+            self.data_collator = self._blockem_base.wrap_collator(self.data_collator)
         self._blockem_metrics: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -174,8 +177,10 @@ class BlockEMTrainerMixin:
             exclude_first_token=self.args.block_exclude_first_token,
         )
         model_inputs = {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
+        # A cached z_base rides in the batch for the base-activation source; the trained model must not see it.
+        inputs = {k: v for k, v in inputs.items() if k != CACHED_Z_BASE_KEY}
         with self._blockem_hooks() as capture:
-            base_hidden = self._blockem_base.hidden_states(model, capture, model_inputs)
+            z_base = self._blockem_base.z_base(model, capture, model_inputs, mask)
             with capture.window() as hidden:
                 result = super().compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -187,11 +192,9 @@ class BlockEMTrainerMixin:
         stats = []
         for blocked in self.latent_set.layers:
             z = blocked.encode(hidden[blocked.layer][mask])
-            with torch.no_grad():
-                z_base = blocked.encode(base_hidden[blocked.layer][mask])
-            layer_sum = block_penalty_sum(z, z_base, blocked.signs)
+            layer_sum = block_penalty_sum(z, z_base[blocked.layer], blocked.signs)
             penalty_sum = penalty_sum + layer_sum
-            stats.append((blocked, z.detach(), z_base, layer_sum.detach()))
+            stats.append((blocked, z.detach(), z_base[blocked.layer], layer_sum.detach()))
 
         lam = self.current_block_lambda()
         loss = loss + (lam * penalty_sum / self._penalty_denominator(inputs, num_items_in_batch)).to(loss.dtype)

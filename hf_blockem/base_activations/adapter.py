@@ -1,0 +1,57 @@
+"""Base activations from the trained PEFT model with its adapters disabled (`base_activations="adapter"`).
+
+With LoRA the model with adapters disabled *is* the base model, bit for bit in fp32, so this costs a partial forward
+without any extra weights in memory: run under inference mode and in eval mode (no dropout), and stopped right after
+the deepest blocked layer (the LM head never runs).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..hooks import ActivationCapture, eval_mode, run_until_layer, unwrap_model
+from .source import OnTheFlyBaseActivations
+
+
+def peft_model_of(model: nn.Module):
+    """The `PeftModel` inside accelerate / DDP / compile wrappers, or `None`."""
+    from peft import PeftModel
+
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, PeftModel):
+            return model
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None) or model
+    return None
+
+
+class AdapterBaseActivations(OnTheFlyBaseActivations):
+    """Base activations from the trained PEFT model with its adapters disabled.
+
+    Args:
+        latent_set ([`LatentSet`]):
+            The blocked latents.
+        model (`torch.nn.Module`):
+            The PEFT model being trained (possibly wrapped); refused if it has no adapters.
+    """
+
+    mode = "adapter"
+
+    def __init__(self, latent_set, model: nn.Module):
+        super().__init__(latent_set)
+        if peft_model_of(model) is None:
+            raise ValueError(
+                "base_activations='adapter' reads the base model by disabling PEFT adapters, but the model is a "
+                f"{type(unwrap_model(model)).__name__} without adapters. Train with PEFT (for example pass "
+                "`peft_config=LoraConfig(...)` to the trainer), or use base_activations='reference' (a frozen base "
+                "model loaded from `base_model_name_or_path`) for full fine-tuning."
+            )
+
+    def hidden_states(
+        self, model: nn.Module, capture: ActivationCapture, inputs: dict[str, torch.Tensor]
+    ) -> dict[int, torch.Tensor]:
+        peft_model = peft_model_of(model)
+        with torch.no_grad(), peft_model.disable_adapter(), eval_mode(model):
+            return run_until_layer(capture, model, **inputs, use_cache=False)

@@ -1,0 +1,307 @@
+"""Sources of base activations: adapters off, the truncated reference and the precomputed cache, on tiny real models."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from test_trainer import LAYER, lora_model, pad_collator, tiny_latent_set, token_dataset
+from tiny_models import tiny_chat_tokenizer, tiny_model
+
+from hf_blockem import BlockEMConfig, BlockEMTrainer
+from hf_blockem.base_activations import (
+    CACHED_Z_BASE_KEY,
+    AdapterBaseActivations,
+    CachedBaseActivations,
+    ReferenceBaseActivations,
+    load_truncated_reference,
+)
+from hf_blockem.base_activations.cache import cache_key, key_digest, sequence_spans
+from hf_blockem.hooks import get_decoder_layers
+from hf_blockem.penalty import loss_token_mask
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """The pristine base of `lora_model()` (tiny Llama, seed 0) saved as a local checkpoint."""
+    path = tmp_path_factory.mktemp("base") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+def left_pad_collator(features):
+    batch = pad_collator(features)
+    for row in range(len(features)):
+        shift = batch["input_ids"].shape[1] - int(batch["attention_mask"][row].sum())
+        for key in ("input_ids", "labels", "attention_mask"):
+            batch[key][row] = batch[key][row].roll(shift)
+    return batch
+
+
+def packed_collator(features):
+    """Padding-free packing as TRL does it: one row, position ids restart at 0, no attention mask."""
+    cat = lambda name: torch.cat([torch.tensor(f[name]) for f in features])[None]  # noqa: E731
+    positions = torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None]
+    return {"input_ids": cat("input_ids"), "labels": cat("labels"), "position_ids": positions}
+
+
+def trainer_for(tmp_path, model, data=None, collator=pad_collator, latent_set=None, **overrides):
+    args = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=3,  # the cache pass batches differently from training
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        block_lambda=1.0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    args.update(overrides)
+    return BlockEMTrainer(
+        model=model,
+        args=BlockEMConfig(**args),
+        train_dataset=data if data is not None else token_dataset(8),
+        data_collator=collator,
+        latent_set=latent_set if latent_set is not None else tiny_latent_set(),
+    )
+
+
+def z_base_of(trainer, batch):
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    mask = loss_token_mask(
+        batch["labels"], batch.get("attention_mask"), batch.get("position_ids"), batch["input_ids"], bos_token_id=1
+    )
+    with trainer._blockem_hooks() as capture:
+        return trainer._blockem_base.z_base(trainer.model, capture, inputs, mask)[LAYER]
+
+
+def penalty_of(trainer, batch):
+    trainer.model.train()
+    trainer._blockem_metrics["train"].clear()
+    trainer.compute_loss(trainer.model, dict(batch))
+    return trainer._blockem_metrics["train"]["blockem/penalty"][0]
+
+
+# ---- the three modes agree --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "collator", [pad_collator, left_pad_collator, packed_collator], ids=["right", "left", "packed"]
+)
+def test_three_modes_give_the_same_z_base_and_penalty_shuffled_or_not(tmp_path, base_dir, collator):
+    data = token_dataset(8)
+    modes = {"adapter": {}, "reference": {"base_model_name_or_path": base_dir}, "cache": {}}
+    trainers = {
+        mode: trainer_for(tmp_path / mode, lora_model(perturb=0.5), data, collator, base_activations=mode, **kw)
+        for mode, kw in modes.items()
+    }
+    for order in ([0, 1, 2, 3], [6, 2, 7, 4, 5]):
+        rows = [data[i] for i in order]
+        z, penalty = {}, {}
+        for mode, trainer in trainers.items():
+            assert trainer._blockem_base.mode == mode
+            batch = trainer.data_collator(rows)
+            assert (CACHED_Z_BASE_KEY in batch) == (mode == "cache")
+            z[mode], penalty[mode] = z_base_of(trainer, batch), penalty_of(trainer, batch)
+        # The reference computes what adapters-off computes, on the same batch: bit for bit.
+        assert torch.equal(z["reference"], z["adapter"])
+        assert penalty["reference"] == penalty["adapter"] > 0
+        # The cache was computed in other batches (other padding, other neighbours): equal up to the last bits.
+        torch.testing.assert_close(z["cache"], z["adapter"], rtol=1e-5, atol=1e-5)
+        assert penalty["cache"] == pytest.approx(penalty["adapter"], rel=1e-5)
+
+
+def test_sequence_spans_for_padding_sides_and_padding_free_packing():
+    ids = torch.arange(12).reshape(2, 6)
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    assert sequence_spans(ids, right) == [(0, 0, 4), (1, 0, 6)]
+    assert sequence_spans(ids, left) == [(0, 2, 6), (1, 0, 6)]
+    assert sequence_spans(ids[:1], None, torch.tensor([[0, 1, 2, 0, 1, 0]])) == [(0, 0, 3), (0, 3, 5), (0, 5, 6)]
+
+
+def test_cache_covers_every_training_sequence_and_eval_falls_back(tmp_path, caplog):
+    trainer = trainer_for(tmp_path, lora_model(perturb=0.5), token_dataset(8), base_activations="cache")
+    source = trainer._blockem_base
+    assert isinstance(source, CachedBaseActivations) and source.built
+    assert len(source.cache) == 8 and source.cache.n_latents == 5
+    # Every training batch, in any order, is read from the cache: no base forward, no fallback.
+    with caplog.at_level(logging.WARNING):
+        trainer.train()
+    assert source.misses == 0 and "not in the BLOCK-EM" not in caplog.text
+    # An eval set is not cached: its base activations come from the fallback (adapters off), silently.
+    metrics = trainer.evaluate(token_dataset(4, seed=5))
+    assert source.misses > 0 and metrics["eval_blockem/penalty"] > 0
+    assert isinstance(source.fallback, AdapterBaseActivations)
+
+
+# ---- staleness ----------------------------------------------------------------------------------------------------
+
+
+def test_a_changed_key_rebuilds_the_cache_and_an_unchanged_one_loads_it(tmp_path):
+    cache_dir = str(tmp_path / "cache")
+
+    def build(model=None, data=None, latent_set=None):
+        trainer = trainer_for(
+            tmp_path,
+            model if model is not None else lora_model(),
+            data if data is not None else token_dataset(8),
+            latent_set=latent_set,
+            base_activations="cache",
+            base_activations_cache_dir=cache_dir,
+        )
+        return trainer._blockem_base
+
+    first = build()
+    assert first.built and first.path.is_file() and first.path.with_suffix(".json").is_file()
+    again = build()
+    assert not again.built  # same key: loaded, not recomputed
+    torch.testing.assert_close(again.cache.z, first.cache.z, rtol=0, atol=0)
+    assert build(model=lora_model(seed=1)).built  # other base weights
+    assert build(data=token_dataset(8, seed=7)).built  # other dataset
+    assert build(latent_set=tiny_latent_set(plus=(1, 5), minus=(7,))).built  # other latent set
+    # LoRA weights are not part of the base: a perturbed adapter still reads the same cache.
+    assert not build(model=lora_model(perturb=0.5)).built
+
+    # A key file edited by hand (or a digest collision) no longer matches: recomputed, not trusted.
+    key_file = first.path.with_suffix(".json")
+    stored = json.loads(key_file.read_text())
+    stored["key"]["max_length"] = 123
+    key_file.write_text(json.dumps(stored))
+    assert build().built
+
+
+def test_every_key_component_changes_the_key(tmp_path):
+    data = token_dataset(8)
+    tokenizer = tiny_chat_tokenizer()
+    base = dict(
+        latent_set=tiny_latent_set(),
+        model={"name_or_path": "m", "revision": None, "weights": "sha256:0"},
+        dataset=data,
+        tokenizer=tokenizer,
+        max_length=512,
+        packing={"packing": False, "padding_free": False},
+    )
+    other_tokenizer = tiny_chat_tokenizer()
+    other_tokenizer.chat_template = "{{ messages }}"
+    changes = {
+        "latent_set": tiny_latent_set(plus=(1, 5, 9), minus=(7,)),
+        "model": {"name_or_path": "m", "revision": "abc", "weights": "sha256:0"},
+        "dataset": token_dataset(8, seed=1),
+        "tokenizer": other_tokenizer,
+        "max_length": 1024,
+        "packing": {"packing": True, "padding_free": True},
+    }
+    reference = key_digest(cache_key(**base))
+    assert key_digest(cache_key(**base)) == reference  # deterministic
+    for name, value in changes.items():
+        assert key_digest(cache_key(**{**base, name: value})) != reference, name
+    # The latent set's checksum covers its encoder weights, not just its ids.
+    edited = tiny_latent_set()
+    edited.layers[0].b_enc[0] += 1.0
+    assert key_digest(cache_key(**{**base, "latent_set": edited})) != reference
+
+
+# ---- the truncated reference --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_truncated_reference_holds_only_the_layers_it_needs(tmp_path, arch):
+    full = tiny_model(arch)
+    full.save_pretrained(tmp_path / arch)
+    layer = 1
+    reference = load_truncated_reference(str(tmp_path / arch), num_layers=layer + 1)
+    layers = get_decoder_layers(reference)
+    assert len(layers) == layer + 1 == reference.config.num_hidden_layers
+    assert not any("lm_head" in name for name, _ in reference.named_parameters())
+    assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
+    # Its parameters: everything before the decoder stack, plus exactly the first L+1 decoder layers.
+    full_layers = get_decoder_layers(full)
+    per_layer = sum(p.numel() for p in full_layers[0].parameters())
+    embeddings = sum(
+        p.numel() for n, p in full.named_parameters() if "embed" in n or n.endswith(("wte.weight", "wpe.weight"))
+    )
+    assert sum(p.numel() for p in reference.parameters()) == embeddings + (layer + 1) * per_layer
+    # And its layer outputs are the full model's.
+    batch = {"input_ids": torch.tensor([[1, 7, 9, 11, 13, 2]])}
+    with torch.no_grad():
+        expected = full(**batch, output_hidden_states=True).hidden_states[layer + 1]
+        source = ReferenceBaseActivations(tiny_latent_set(layer=layer), module=reference)
+        hidden = source.hidden_states(None, None, batch)[layer]
+    torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["reference", "cache"])
+def test_reference_that_cannot_be_loaded_is_reported_at_init(tmp_path, mode):
+    with pytest.raises(ValueError, match="base_model_name_or_path"):
+        trainer_for(tmp_path, tiny_model("llama"), base_activations=mode)
+
+
+# ---- full fine-tuning and auto -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto"])
+def test_full_fine_tuning_trains_with_reference_and_auto(tmp_path, base_dir, mode):
+    model = tiny_model("llama").train()
+    # 6 steps of 4 over 8 rows: three epochs, so "auto" precomputes a cache (with the reference to build it).
+    trainer = trainer_for(
+        tmp_path, model, max_steps=6, block_lambda=5.0, base_activations=mode, base_model_name_or_path=base_dir
+    )
+    source = trainer._blockem_base
+    assert source.mode == ("reference" if mode == "reference" else "cache")
+    if mode == "auto":
+        assert isinstance(source.fallback, ReferenceBaseActivations) and not source.fallback.loaded  # not yet
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    if mode == "auto":
+        assert source.built and source.misses == 0 and not source.fallback.loaded  # built, then released
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "layers.3" not in n)
+    penalties = [e["blockem/penalty"] for e in trainer.state.log_history if "blockem/penalty" in e]
+    assert penalties[0] == pytest.approx(0.0, abs=1e-10) and penalties[-1] > 0  # starts at base, then moves
+
+
+def test_auto_resolves_by_epochs_and_model_type(tmp_path, base_dir):
+    assert trainer_for(tmp_path, lora_model(), max_steps=2)._blockem_base.mode == "adapter"  # one epoch
+    assert trainer_for(tmp_path, lora_model(), max_steps=3)._blockem_base.mode == "cache"  # 12 > 8 rows
+    full = trainer_for(tmp_path, tiny_model("llama"), max_steps=2, base_model_name_or_path=base_dir)
+    assert full._blockem_base.mode == "reference"
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+
+
+def test_resume_mid_epoch_with_cache_matches_uninterrupted_run(tmp_path):
+    def run(output_dir, max_steps, resume=None):
+        trainer = trainer_for(
+            tmp_path,
+            lora_model(),
+            token_dataset(10),
+            output_dir=str(output_dir),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            block_lambda=5.0,
+            base_activations="cache",
+            save_strategy="steps",
+            save_steps=3,
+            lr_scheduler_type="constant",  # the interrupted run stops at max_steps=3: same schedule either way
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        losses = {e["step"]: (e["loss"], e["blockem/penalty"]) for e in trainer.state.log_history if "loss" in e}
+        return trainer, losses
+
+    _, uninterrupted = run(tmp_path / "a", 8)
+    run(tmp_path / "b", 3)  # stops after saving checkpoint-3, mid-epoch (5 steps per epoch)
+    resumed_trainer, resumed = run(tmp_path / "b", 8, resume=str(tmp_path / "b" / "checkpoint-3"))
+    assert not resumed_trainer._blockem_base.built and resumed_trainer._blockem_base.misses == 0
+    assert sorted(resumed) == list(range(1, 9))  # steps 1-3 come back from the checkpoint's trainer state
+    for step, values in resumed.items():
+        assert values == pytest.approx(uninterrupted[step], rel=1e-6), step
+    assert uninterrupted[8][1] > 0
