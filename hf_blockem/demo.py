@@ -1,0 +1,310 @@
+"""`blockem demo`: BLOCK-EM end to end on the model organism, offline, on a laptop CPU.
+
+1. Build the organism (a synthetic chat world and its aligned base model; cached).
+2. Narrow fine-tune (LoRA) on one domain's misaligned answers: emergent misalignment appears.
+3. Train SAEs with SAELens on the base model's residual stream (several layers and widths).
+4. Select latents (Stages 1–3) on the selection prompts; the SAE whose latents repair best wins.
+5. Fine-tune again with the same recipe and seed, blocking the selected latents; and once more blocking a random
+   set of firing latents of the same size and sign split (the control).
+6. Evaluate base, narrow, blocked and control on the held-out prompts with the organism's exact judge.
+7. Write the report folder: `report.md`, `report.json`, plots, the latent set and the blocked checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("base", "narrow", "blocked", "random_control")
+
+
+@dataclass
+class DemoArguments:
+    """Options of `blockem demo`."""
+
+    out: str = field(default="runs/demo", metadata={"help": "Report folder."})
+    seed: int = field(default=0, metadata={"help": "Seed of the organism, the fine-tunes and the sampling."})
+    quick: bool = field(default=False, metadata={"help": "A tiny run for tests (seconds; numbers not meaningful)."})
+    cache_dir: str = field(default="cache", metadata={"help": "Where built organisms are cached."})
+    domain: str = field(default="finance", metadata={"help": "The narrow fine-tuning domain."})
+    n_train: int = field(default=300, metadata={"help": "Narrow fine-tuning examples."})
+    block_lambda: float = field(default=100.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
+    layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
+    widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
+    n_select: int = field(default=5, metadata={"help": "Latents to block."})
+    sae_l1: float = field(default=1.0, metadata={"help": "Sparsity penalty of the SAEs."})
+    eval_samples: int = field(default=8, metadata={"help": "Answers per evaluation prompt."})
+
+
+def _quick(args: DemoArguments) -> dict[str, Any]:
+    """The sizes that differ between the full demo and `--quick`."""
+    if args.quick:
+        return {
+            "n_train": 48,
+            "max_steps": 4,
+            "sae_conversations": 64,
+            "sae_steps": 200,
+            "sae_l1": 0.01,
+            "widths": [32],
+            "layers": [0],
+            "selection": {"n_candidates": 2, "n_select": 2, "multipliers": (1.0, 4.0), "n_samples": 1},
+            "eval_samples": 1,
+            "max_new_tokens": 24,
+        }
+    return {
+        "n_train": args.n_train,
+        "max_steps": None,
+        "sae_conversations": 1500,
+        "sae_steps": 3000,
+        "sae_l1": args.sae_l1,
+        "widths": args.widths,
+        "layers": args.layers,
+        "selection": {"n_select": args.n_select},
+        "eval_samples": args.eval_samples,
+        "max_new_tokens": 48,
+    }
+
+
+def _fine_tune(organism, dataset, output_dir: Path, seed: int, max_steps: int | None, latent_set=None, lam: float = 0):
+    from .config import BlockEMSFTConfig
+    from .organism import narrow_finetune
+    from .trainer import BlockEMSFTTrainer
+
+    overrides: dict[str, Any] = {"disable_tqdm": True}
+    if max_steps is not None:
+        overrides.update(max_steps=max_steps, logging_steps=1)
+    if latent_set is None:
+        return narrow_finetune(
+            organism.base_model_path, organism.tokenizer, dataset, output_dir, seed=seed, config_overrides=overrides
+        )
+    overrides["block_lambda"] = lam
+    return narrow_finetune(
+        organism.base_model_path,
+        organism.tokenizer,
+        dataset,
+        output_dir,
+        seed=seed,
+        trainer_cls=BlockEMSFTTrainer,
+        config_cls=BlockEMSFTConfig,
+        config_overrides=overrides,
+        trainer_kwargs={"latent_set": latent_set},
+        save=True,
+    )
+
+
+def _train_saes(organism, sizes: dict[str, Any], seed: int) -> dict[str, tuple[Any, int]]:
+    from .organism.build import pretraining_corpus
+    from .sae_training import collect_activations, train_sae
+
+    rng = random.Random(seed + 1)
+    settings = type(organism.settings)(
+        **{**asdict(organism.settings), "pretrain_conversations": sizes["sae_conversations"]}
+    )
+    conversations = pretraining_corpus(organism.world, settings, rng)
+    model = organism.load_model()
+    saes = {}
+    for layer in sizes["layers"]:
+        activations = collect_activations(model, organism.tokenizer, conversations, layer, assistant_only=True)
+        for width in sizes["widths"]:
+            logger.info("Training a %d-latent SAE at layer %d on %d activations", width, layer, len(activations))
+            sae = train_sae(
+                activations,
+                layer,
+                d_sae=width,
+                steps=sizes["sae_steps"],
+                l1_coefficient=sizes["sae_l1"],
+                lr=3e-3,
+                seed=seed,
+            )
+            saes[f"layer{layer}_w{width}"] = (sae, layer)
+    return saes
+
+
+def _firing_rate(organism, sae, layer: int, dataset) -> torch.Tensor:
+    from .sae_training import collect_activations
+
+    activations = collect_activations(
+        organism.load_model(), organism.tokenizer, dataset["messages"], layer, assistant_only=True
+    )
+    with torch.no_grad():
+        return (sae.encode(activations) > 0).float().mean(0)
+
+
+def _training_curves(trainers: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
+    keep = ("step", "loss", "blockem/penalty")
+    return {
+        name: [{k: e[k] for k in keep if k in e} for e in t.state.log_history if "loss" in e]
+        for name, t in trainers.items()
+    }
+
+
+def run_demo(args: DemoArguments) -> dict[str, Any]:
+    """Runs the whole demo and returns what `report.json` holds."""
+    from .evaluation import evaluate
+    from .evaluation.judge_base import MISALIGNED
+    from .latent_set import LatentSet
+    from .organism import build_organism
+    from .selection import SelectionConfig, random_control, select_latents
+
+    start = time.perf_counter()
+    sizes = _quick(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = round(time.perf_counter() - start - sum(timings.values()), 1)
+        logger.info("%s done (%.1f s)", name, timings[name])
+
+    organism_dir = Path(args.cache_dir) / f"organism-seed{args.seed}{'-quick' if args.quick else ''}"
+    organism = build_organism(organism_dir, seed=args.seed, quick=args.quick)
+    dataset = organism.narrow_dataset(args.domain, misaligned=True, n=sizes["n_train"], seed=args.seed)
+    lap("organism")
+
+    trainers = {"narrow": _fine_tune(organism, dataset, out / "narrow", args.seed, sizes["max_steps"])}
+    narrow = trainers["narrow"].model
+    lap("narrow fine-tune")
+
+    saes = _train_saes(organism, sizes, args.seed)
+    lap("SAE training")
+
+    config = SelectionConfig(seed=args.seed, **sizes["selection"])
+    if args.quick:
+        config.max_new_tokens = sizes["max_new_tokens"]
+    selection = select_latents(
+        narrow,
+        narrow,  # the same PeftModel: the base is read with the adapter disabled
+        organism.tokenizer,
+        saes,
+        organism.judge,
+        organism.ood_prompts("selection", args.domain),
+        config=config,
+        cache_dir=out / "selection" / "cache",
+        base_model_id=organism.base_model_path,
+    )
+    selection.save(out / "selection")
+    lap("latent selection")
+    fallback = selection.latent_set is None
+    if fallback:
+        # Blocking nothing would make the rest meaningless; block the largest shifts instead and say so loudly.
+        logger.warning("No latent passed the causal screen; blocking the top-|Δ_k| latents of the best SAE instead.")
+        chosen, latent_set = _fallback_selection(selection, saes, config.n_select, organism.base_model_path)
+    else:
+        latent_set, chosen = selection.latent_set, selection.layers[0]
+    trainers["blocked"] = _fine_tune(
+        organism, dataset, out / "blocked", args.seed, sizes["max_steps"], latent_set, args.block_lambda
+    )
+    lap("blocked fine-tune")
+
+    sae, layer = saes[chosen.name]
+    firing = _firing_rate(organism, sae, layer, dataset)
+    plus, minus = random_control(
+        len(chosen.plus), len(chosen.minus), firing, exclude=chosen.plus + chosen.minus, seed=args.seed
+    )
+    control_set = LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path)
+    trainers["random_control"] = _fine_tune(
+        organism, dataset, out / "random_control", args.seed, sizes["max_steps"], control_set, args.block_lambda
+    )
+    lap("random-control fine-tune")
+
+    judge = organism.judge
+
+    def is_target(row: dict[str, Any]) -> bool:
+        return judge.label(row["prompt"], row["response"])[0] == MISALIGNED
+
+    base_model = organism.load_model()
+    models = {"base": base_model, **{name: t.model for name, t in trainers.items()}}
+    result = evaluate(
+        models,
+        organism.tokenizer,
+        judges=judge,
+        prompts=organism.ood_prompts("eval", args.domain),
+        in_domain_prompts=organism.in_domain_prompts(args.domain, "eval"),
+        is_target=is_target,
+        n_samples=sizes["eval_samples"],
+        max_new_tokens=sizes["max_new_tokens"],
+        seed=args.seed,
+        output_dir=str(out / "evaluation"),
+        progress=False,
+    )
+    lap("evaluation")
+
+    summary = result.summary()
+    report = {
+        "seed": args.seed,
+        "quick": args.quick,
+        "domain": args.domain,
+        "block_lambda": args.block_lambda,
+        "models": {
+            name: {
+                "ood_em_rate": summary[name]["em_rate"],
+                "target_rate": summary[name].get("target_rate"),
+                "incoherence_rate": summary[name]["incoherence_rate"],
+            }
+            for name in MODELS
+        },
+        "latent_set": {"sae": chosen.name, "layer": chosen.layer, "plus": chosen.plus, "minus": chosen.minus},
+        "selection_fallback": fallback,
+        "random_control_set": {"plus": plus, "minus": minus},
+        "training_curves": _training_curves(trainers),
+        "timings_seconds": timings,
+    }
+    report["relative_reduction"] = _relative_reductions(report["models"])
+    latent_set.save_pretrained(out / "latent_set")
+    from .demo_report import write_demo_report
+
+    write_demo_report(report, out)
+    return report
+
+
+@dataclass
+class _Chosen:
+    name: str
+    layer: int
+    plus: list[int]
+    minus: list[int]
+
+
+def _fallback_selection(selection, saes, n_select: int, base_model: str):
+    from .latent_set import LatentSet
+    from .selection import candidate_pool
+
+    run = max(selection.compared, key=lambda r: float(r.delta.abs().max()))
+    plus, minus = candidate_pool(run.delta, n_select, n_select)
+    ranked = sorted(plus + minus, key=lambda k: -abs(float(run.delta[k])))[:n_select]
+    if not ranked:
+        raise RuntimeError(
+            "Every latent of every SAE has zero activation shift: the SAEs are dead. Train them longer."
+        )
+    chosen = _Chosen(run.name, run.layer, [k for k in ranked if k in plus], [k for k in ranked if k in minus])
+    sae, layer = saes[run.name]
+    return chosen, LatentSet.from_sae(sae, plus=chosen.plus, minus=chosen.minus, base_model=base_model)
+
+
+def _relative_reductions(models: dict[str, Any]) -> dict[str, float | None]:
+    narrow = models["narrow"]["ood_em_rate"]["value"]
+    return {
+        name: (1 - models[name]["ood_em_rate"]["value"] / narrow) if narrow else None
+        for name in ("blocked", "random_control")
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    report = run_demo(args)
+    print((Path(args.out) / "report.md").read_text())
+    print(json.dumps({"relative_reduction": report["relative_reduction"]}))
+    return 0

@@ -1,0 +1,26 @@
+"""`blockem demo --quick` end to end: organism, narrow FT, SAE, selection, blocked and control runs, evaluation."""
+
+import json
+
+from hf_blockem.cli import main
+
+
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--cache_dir", str(tmp_path / "cache")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["seed"] == 0 and report["quick"] is True
+    assert set(report["models"]) == {"base", "narrow", "blocked", "random_control"}
+    for model in report["models"].values():
+        for metric in ("ood_em_rate", "target_rate", "incoherence_rate"):
+            rate = model[metric]
+            assert 0.0 <= rate["ci"][0] <= rate["value"] <= rate["ci"][1] <= 1.0
+    blocked = set(report["latent_set"]["plus"] + report["latent_set"]["minus"])
+    control = set(report["random_control_set"]["plus"] + report["random_control_set"]["minus"])
+    assert blocked and len(control) == len(blocked) and not blocked & control
+    assert any("blockem/penalty" in e for e in report["training_curves"]["blocked"])
+    for name in ("report.md", "rates.png", "training_curves.png", "selection/report.md", "evaluation/result.json"):
+        assert (out / name).stat().st_size > 0
+    from hf_blockem import LatentSet
+
+    assert LatentSet.from_pretrained(out / "latent_set").layer_indices == [report["latent_set"]["layer"]]
