@@ -22,6 +22,9 @@ _EXPORTS = {
     "BlockEMSFTTrainer": "hf_blockem.trainer",
     "ActivationCapture": "hf_blockem.hooks",
     "get_decoder_layers": "hf_blockem.hooks",
+    "LatentSetFormatError": "hf_blockem.latent_set",
+    "generate_blocked_model_card": "hf_blockem.model_card",
+    "push_output_dir": "hf_blockem.hub",
 }
 
 __all__ = [
@@ -36,12 +39,17 @@ __all__ = [
     "BlockEMSFTTrainer",
     "ActivationCapture",
     "get_decoder_layers",
+    "LatentSetFormatError",
+    "generate_blocked_model_card",
+    "push_output_dir",
 ]
 
 if TYPE_CHECKING:
     from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
     from .hooks import ActivationCapture, get_decoder_layers
-    from .latent_set import BlockedLayer, LatentSet
+    from .hub import push_output_dir
+    from .latent_set import BlockedLayer, LatentSet, LatentSetFormatError
+    from .model_card import generate_blocked_model_card
     from .trainer import BlockEMSFTTrainer, BlockEMTrainer, BlockEMTrainerMixin
 
 
