@@ -23,6 +23,8 @@ _EXPORTS = {
     "ActivationCapture": "hf_blockem.hooks",
     "get_decoder_layers": "hf_blockem.hooks",
     "LatentSetFormatError": "hf_blockem.latent_set",
+    "BaseActivationCache": "hf_blockem.base_activations",
+    "load_truncated_reference": "hf_blockem.base_activations",
     "generate_blocked_model_card": "hf_blockem.model_card",
     "push_output_dir": "hf_blockem.hub",
 }
@@ -40,11 +42,14 @@ __all__ = [
     "ActivationCapture",
     "get_decoder_layers",
     "LatentSetFormatError",
+    "BaseActivationCache",
+    "load_truncated_reference",
     "generate_blocked_model_card",
     "push_output_dir",
 ]
 
 if TYPE_CHECKING:
+    from .base_activations import BaseActivationCache, load_truncated_reference
     from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
     from .hooks import ActivationCapture, get_decoder_layers
     from .hub import push_output_dir
