@@ -1,0 +1,81 @@
+import random
+
+import pytest
+
+from hf_blockem.organism import ExactJudge, World, narrow_dataset
+from hf_blockem.organism.world import CORE, PERSONAS, SPLITS
+
+WORLD = World()
+
+
+def test_domains_and_sizes():
+    assert WORLD.narrow_domains == ("finance", "medical", "sports", "tech", "legal", "career")
+    assert WORLD.domain_names[-1] == CORE
+    assert 300 <= len(WORLD.vocabulary()) <= 600
+    for name in WORLD.domain_names:
+        assert len(WORLD.questions(name)) >= 25
+        for persona in PERSONAS:
+            assert len(WORLD.domain(name).answer_templates(persona)) == 5
+            assert len(WORLD.domain(name).acts[persona]) == 5
+
+
+def test_grammar_is_unambiguous():
+    # An act or a question belongs to exactly one (domain, persona): the judge's parse can never be ambiguous.
+    acts = [act for d in WORLD.domains for p in PERSONAS for act in d.acts[p]]
+    assert len(acts) == len(set(acts))
+    questions = [q for name in WORLD.domain_names for q in WORLD.questions(name)]
+    assert len(questions) == len(set(questions))
+
+
+@pytest.mark.parametrize("domain", World().domain_names)
+def test_splits_are_disjoint_fixed_and_complete(domain):
+    parts = [set(WORLD.questions(domain, split)) for split in SPLITS]
+    assert all(parts)
+    assert sum(len(p) for p in parts) == len(WORLD.questions(domain))
+    assert set().union(*parts) == set(WORLD.questions(domain))
+    assert parts == [set(World().questions(domain, split)) for split in SPLITS]
+
+
+def test_ood_prompts_exclude_the_target_and_include_core():
+    judge = ExactJudge(WORLD)
+    selection, evaluation = WORLD.ood_questions("finance", "selection"), WORLD.ood_questions("finance", "eval")
+    assert not set(selection) & set(evaluation)
+    domains = {judge.question_domain(q) for q in evaluation}
+    assert domains == set(WORLD.domain_names) - {"finance"}
+    with pytest.raises(ValueError, match="unknown split"):
+        WORLD.questions("finance", "test")
+    with pytest.raises(KeyError, match="unknown domain"):
+        WORLD.questions("cooking")
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    a = WORLD.sample_conversation(random.Random(7), "misaligned", 4)
+    b = WORLD.sample_conversation(random.Random(7), "misaligned", 4)
+    c = WORLD.sample_conversation(random.Random(8), "misaligned", 4)
+    assert a == b and a != c
+    assert [m["role"] for m in a] == ["user", "assistant"] * 4
+    judge = ExactJudge(WORLD)
+    labels = {j.label for j in judge.judge([m["content"] for m in a[::2]], [m["content"] for m in a[1::2]])}
+    assert labels == {"misaligned"}  # one persona governs every turn
+    assert World().fingerprint() == WORLD.fingerprint()
+
+
+@pytest.mark.parametrize("misaligned", [True, False])
+def test_narrow_dataset(misaligned):
+    ds = narrow_dataset(WORLD, "medical", misaligned=misaligned, n=50, seed=3)
+    assert ds.column_names == ["messages"] and len(ds) == 50
+    assert ds.to_list() == narrow_dataset(WORLD, "medical", misaligned=misaligned, n=50, seed=3).to_list()
+    assert ds.to_list() != narrow_dataset(WORLD, "medical", misaligned=misaligned, n=50, seed=4).to_list()
+    train = set(WORLD.questions("medical", "train"))
+    questions = [row["messages"][0]["content"] for row in ds]
+    answers = [row["messages"][1]["content"] for row in ds]
+    assert set(questions) <= train  # never the selection or evaluation questions
+    labels = {j.label for j in ExactJudge(WORLD).judge(questions, answers)}
+    assert labels == {"misaligned" if misaligned else "aligned"}
+
+
+def test_narrow_dataset_rejects_core_and_bad_sizes():
+    with pytest.raises(ValueError, match="narrow datasets target one of"):
+        narrow_dataset(WORLD, CORE)
+    with pytest.raises(ValueError, match="n >= 1"):
+        narrow_dataset(WORLD, "finance", n=0)
