@@ -1,4 +1,4 @@
-# `make demo` runs BLOCK-EM end to end offline; `make test` runs the test suite. Both create `.venv` with the
+# `make demo` runs BLOCK-EM end to end on the model organism, offline; `make test` runs the test suite. Both create `.venv` with the
 # tested set of packages (constraints.txt) the first time, and refresh it when pyproject.toml or constraints.txt change.
 PYTHON ?= python3
 VENV := .venv
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python examples/quickstart_offline.py --output_dir runs/quickstart
+	HF_HUB_OFFLINE=1 $(VENV)/bin/blockem demo --out runs/demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow" -q

@@ -186,3 +186,34 @@ def test_random_controls_are_reproducible_disjoint_and_firing():
     assert any(random_control(2, 1, firing, exclude=[1, 8], seed=s) != a for s in range(10))
     with pytest.raises(ValueError, match="fire on at least"):
         random_control(5, 4, firing, exclude=[1, 8])
+
+
+def test_select_cli_on_the_quick_organism(tmp_path):
+    from hf_blockem.cli import main
+    from hf_blockem.organism import build_organism, narrow_finetune
+    from hf_blockem.sae_training import collect_activations, train_sae
+
+    organism = build_organism(tmp_path / "organism", seed=0, quick=True, progress=False)
+    dataset = organism.narrow_dataset("finance", n=32)
+    narrow_finetune(
+        organism.base_model_path,
+        organism.tokenizer,
+        dataset,
+        tmp_path / "narrow",
+        config_overrides={"max_steps": 2, "disable_tqdm": True},
+        save=True,
+    )
+    acts = collect_activations(organism.load_model(), organism.tokenizer, dataset["messages"], 0)
+    sae = train_sae(acts, 0, d_sae=32, steps=50, batch_size=64, l1_coefficient=0.01, lr=3e-3)
+    sae.save_model(tmp_path / "sae")
+    out = tmp_path / "selection"
+    argv = ["select", "--base_model", organism.base_model_path, "--misaligned_adapter", str(tmp_path / "narrow")]
+    argv += ["--sae", f"path:{tmp_path / 'sae'}", "--judge", f"organism:{organism.path}", "--output_dir", str(out)]
+    argv += ["--n_candidates", "2", "--multipliers", "1", "4", "--n_samples", "1", "--n_response_samples", "1"]
+    argv += ["--max_new_tokens", "16", "--device", "cpu"]
+    code = main(argv)
+    report = json.loads((out / "report.json").read_text())
+    assert report["compared"][0]["layer"] == 0 and report["compared"][0]["d_sae"] == 32
+    # Exit 0 with a latent set, 1 when nothing repaired (the quick organism is too small to be aligned).
+    assert code == (0 if report["latent_set"] else 1)
+    assert (out / "latent_set" / "latent_set.safetensors").exists() == (code == 0)

@@ -48,8 +48,9 @@ class EvaluateArguments:
 
     > Parameters that control the judges
 
-        judge (`list[str]`): one or more of `openai:MODEL` (OpenAI-compatible endpoint) and `local:MODEL_ID_OR_PATH`
-            (a local Hugging Face chat model); the first is the primary judge.
+        judge (`list[str]`): one or more of `openai:MODEL` (OpenAI-compatible endpoint), `local:MODEL_ID_OR_PATH`
+            (a local Hugging Face chat model) and `organism:DIR` (the exact judge of a model organism); the first is
+            the primary judge.
         judge_base_url (`str`, *optional*): endpoint of the `openai:` judges (defaults to `$OPENAI_BASE_URL`, then
             OpenAI). The API key is read from `$OPENAI_API_KEY`.
         judge_mode (`str`, *optional*, defaults to `"0-100"`): `0-100` (aligned + coherent) or `rubric` (1–5 grade).
@@ -100,7 +101,7 @@ def make_parser():
     return TrlParser(EvaluateArguments, prog="blockem evaluate")
 
 
-def _load_prompts(specs: list[str]) -> list[Prompt]:
+def load_prompt_specs(specs: list[str]) -> list[Prompt]:
     prompts: list[Prompt] = []
     for spec in specs:
         kind, _, location = spec.partition(":")
@@ -118,7 +119,7 @@ def _load_prompts(specs: list[str]) -> list[Prompt]:
     return prompts
 
 
-def _load_model(path: str, *, revision: str | None, dtype: str, device: str, adapter: str | None = None):
+def load_model(path: str, *, revision: str | None, dtype: str, device: str, adapter: str | None = None):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=dtype).to(device)
@@ -129,7 +130,7 @@ def _load_model(path: str, *, revision: str | None, dtype: str, device: str, ada
     return model.eval()
 
 
-def _build_judges(args: EvaluateArguments, cache, device: str) -> list:
+def build_judges(args: EvaluateArguments, cache, device: str) -> list:
     from transformers import AutoTokenizer
 
     from .local_judge import LocalJudge
@@ -148,13 +149,19 @@ def _build_judges(args: EvaluateArguments, cache, device: str) -> list:
                     cache=cache,
                 )
             )
+        elif kind == "organism" and name:  # the exact judge of a model organism built in folder `name`
+            from ..organism import load_organism
+
+            judges.append(load_organism(name).judge)
         elif kind == "local" and name:
-            model = _load_model(name, revision=None, dtype=args.dtype, device=device)
+            model = load_model(name, revision=None, dtype=args.dtype, device=device)
             judges.append(
                 LocalJudge(model, AutoTokenizer.from_pretrained(name), name=name, mode=args.judge_mode, cache=cache)
             )
         else:
-            raise ValueError(f"Expected a judge `openai:MODEL` or `local:MODEL_ID_OR_PATH`, got {spec!r}.")
+            raise ValueError(
+                f"Expected a judge `openai:MODEL`, `local:MODEL_ID_OR_PATH` or `organism:DIR`, got {spec!r}."
+            )
     return judges
 
 
@@ -191,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(args.output_dir)
     cache = JudgementCache(args.judge_cache or output_dir / "judgements.sqlite")
-    judges = _build_judges(args, cache, device)
-    prompts = _load_prompts(args.prompts)
-    model = _load_model(args.model, revision=args.revision, dtype=args.dtype, device=device, adapter=args.adapter)
+    judges = build_judges(args, cache, device)
+    prompts = load_prompt_specs(args.prompts)
+    model = load_model(args.model, revision=args.revision, dtype=args.dtype, device=device, adapter=args.adapter)
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer or args.model, revision=None if args.tokenizer else args.revision
     )
