@@ -12,6 +12,7 @@ Hook-point convention (SAELens): `blocks.L.hook_resid_post` is the output of Hug
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +45,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".
 _HOOK_RE = re.compile(r"blocks\.(\d+)\.hook_resid_(post|pre)")
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 _STAT_NAME_RE = re.compile(r"[A-Za-z0-9_]+")
+_DIRECTION_RE = re.compile(r"directions\.(0|[1-9][0-9]{0,5})")
 _TENSOR_NAMES = ("W_enc", "b_enc", "b_dec", "threshold", "W_dec", "plus", "minus")
 _REQUIRED_KEYS = ("format_version", "base_model", "base_model_revision", "d_in", "layers")
 _OPTIONAL_KEYS = ("library_version", "metadata", "checksum")
@@ -53,6 +55,29 @@ _OPTIONAL_LAYER_KEYS = ("module_path",)
 
 class LatentSetFormatError(ValueError):
     """A latent-set file or folder that hf_blockem refuses to load; the message names the problem."""
+
+
+def _check_directions(directions: dict[int, torch.Tensor] | None, d_in: int) -> dict[int, torch.Tensor]:
+    """Validated fp32 CPU copies of per-layer `[d_in]` misalignment directions, sorted by layer."""
+    if directions is None:
+        return {}
+    if not isinstance(directions, dict):
+        raise ValueError(
+            f"Expected `directions` to be a dict {{layer: [d_in] tensor}}, got {type(directions).__name__}."
+        )
+    out = {}
+    for layer, vector in sorted(directions.items(), key=lambda item: str(item[0])):
+        if not _is_int(layer) or layer < 0:
+            raise ValueError(f"Expected direction layers to be ints >= 0, got {layer!r}.")
+        if not isinstance(vector, torch.Tensor) or not vector.is_floating_point() or tuple(vector.shape) != (d_in,):
+            got = list(vector.shape) if isinstance(vector, torch.Tensor) else type(vector).__name__
+            raise ValueError(
+                f"Direction at layer {layer}: expected a floating-point tensor of shape [{d_in}], got {got}."
+            )
+        if not torch.isfinite(vector).all() or not vector.abs().sum() > 0:
+            raise ValueError(f"Direction at layer {layer}: expected finite values, not all zero.")
+        out[layer] = vector.detach().to("cpu", torch.float32).clone().contiguous()
+    return dict(sorted(out.items()))
 
 
 def hook_name_for_layer(layer: int) -> str:
@@ -292,6 +317,63 @@ class BlockedLayer:
         tensors.update({f"statistics.{k}": v for k, v in self.statistics.items()})
         return {prefix + k: v for k, v in tensors.items() if v is not None}
 
+    def select(self, plus: list[int], minus: list[int] = ()) -> BlockedLayer:
+        """The same SAE's columns for a subset of this layer's latents, with the given signs.
+
+        Args:
+            plus (`list[int]`): latent ids (all in this layer) to put in K+.
+            minus (`list[int]`, *optional*): latent ids (all in this layer) to put in K-.
+        """
+        position = {latent: i for i, latent in enumerate(self.latent_ids)}
+        missing = [k for k in [*plus, *minus] if k not in position]
+        if missing:
+            raise ValueError(
+                f"Layer {self.layer}: latents {missing} are not in this layer (it has {self.latent_ids})."
+            )
+        index = torch.tensor([position[k] for k in [*plus, *minus]], dtype=torch.long)
+        return dataclasses.replace(
+            self,
+            plus=list(plus),
+            minus=list(minus),
+            W_enc=self.W_enc[:, index],
+            b_enc=self.b_enc[index],
+            threshold=None if self.threshold is None else self.threshold[index],
+            W_dec=None if self.W_dec is None else self.W_dec[index],
+            statistics={k: v[index] for k, v in self.statistics.items()},
+        )
+
+    def extended(self, other: BlockedLayer) -> BlockedLayer:
+        """This layer's latents followed by `other`'s (same layer and SAE), columns re-ordered plus then minus.
+
+        Statistics present in only one of the two are dropped (the other latents have no value for them).
+        """
+        same = ("layer", "architecture", "apply_b_dec_to_input", "normalize_activations", "hook_name")
+        differ = [name for name in same if getattr(self, name) != getattr(other, name)]
+        if differ or not torch.equal(self.b_dec, other.b_dec):
+            raise ValueError(
+                f"Layer {self.layer}: cannot extend with latents of another SAE (differs in {differ or ['b_dec']}); "
+                "add latents read by the same SAE at the same layer."
+            )
+        n_plus, o_plus = len(self.plus), len(other.plus)
+        order = [*range(n_plus), *range(self.n_latents, self.n_latents + o_plus)]
+        order += [*range(n_plus, self.n_latents), *range(self.n_latents + o_plus, self.n_latents + other.n_latents)]
+        index = torch.tensor(order, dtype=torch.long)
+
+        def cat(a, b, dim=0):
+            return None if a is None or b is None else torch.cat([a, b], dim=dim).index_select(dim, index)
+
+        keys = sorted(set(self.statistics) & set(other.statistics))
+        return dataclasses.replace(
+            self,
+            plus=self.plus + other.plus,
+            minus=self.minus + other.minus,
+            W_enc=cat(self.W_enc, other.W_enc, dim=1),
+            b_enc=cat(self.b_enc, other.b_enc),
+            threshold=cat(self.threshold, other.threshold),
+            W_dec=cat(self.W_dec, other.W_dec),
+            statistics={k: cat(self.statistics[k], other.statistics[k]) for k in keys},
+        )
+
 
 def _checksum(description: dict, tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over the canonical JSON description (without the checksum) and every tensor's name, dtype, shape and bytes."""
@@ -329,6 +411,10 @@ class LatentSet(
         base_model_revision (`str`, *optional*): revision (ideally a commit) of the base model.
         d_in (`int`): residual-stream width; must equal every layer's `d_in` and the model's hidden size.
         metadata (`dict`, *optional*): free JSON-serialisable information (selection settings, judge, ...).
+        directions (`dict[int, torch.Tensor]`, *optional*): per decoder layer `L`, a `[d_in]` misalignment direction
+            in the residual stream at the output of layer `L` (for example the mean difference between a misaligned
+            model's and the base model's activations, see `hf_blockem.diagnostics.misalignment_directions`), read by
+            the rerouting diagnostics. Stored as tensors `directions.{L}`; a file without them stays format 1.
 
     Example:
     ```python
@@ -346,6 +432,7 @@ class LatentSet(
         base_model_revision: str | None = None,
         d_in: int,
         metadata: dict | None = None,
+        directions: dict[int, torch.Tensor] | None = None,
     ):
         # ModelHubMixin would write the jsonable init arguments to config.json; everything lives in the safetensors
         # metadata instead, so there is exactly one file to trust.
@@ -371,6 +458,7 @@ class LatentSet(
         self.base_model_revision = base_model_revision
         self.d_in = d_in
         self.metadata = dict(metadata or {})
+        self.directions = _check_directions(directions, d_in)
         self.format_version = FORMAT_VERSION
         self.library_version = _library_version()
         self.resolved_commit: str | None = None
@@ -414,7 +502,7 @@ class LatentSet(
                 f"The latent set expects hidden size d_in={self.d_in} (base model {self.base_model!r}), the model has "
                 f"hidden_size={hidden_size}. Use the latent set built for this model."
             )
-        too_deep = [index for index in self.layer_indices if index >= num_layers]
+        too_deep = [index for index in [*self.layer_indices, *self.directions] if index >= num_layers]
         if too_deep:
             raise ValueError(
                 f"The latent set blocks layers {too_deep}, the model has {num_layers} decoder layers (0 to "
@@ -532,12 +620,14 @@ class LatentSet(
         if metadata is None:
             metadata = {k: v for latent_set in latent_sets for k, v in latent_set.metadata.items()}
         layers = [layer for latent_set in latent_sets for layer in latent_set.layers]
+        directions = {k: v for latent_set in latent_sets for k, v in latent_set.directions.items()}
         return cls(
             layers,
             base_model=first.base_model,
             base_model_revision=first.base_model_revision,
             d_in=first.d_in,
             metadata=metadata,
+            directions=directions,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -569,6 +659,7 @@ class LatentSet(
 
     def _save_pretrained(self, save_directory: Path) -> None:
         tensors = {name: t for layer in self.layers for name, t in layer._tensors().items()}
+        tensors.update({f"directions.{layer}": vector for layer, vector in self.directions.items()})
         description = self.to_dict()
         description["checksum"] = _checksum(description, tensors)
         save_file(
@@ -800,6 +891,19 @@ def _load_file(path: str, *, strict: bool) -> LatentSet:
             )
         except ValueError as error:
             raise LatentSetFormatError(f"{path}: {error}") from error
+    directions = {}
+    for name, tensor in tensors.items():
+        match = _DIRECTION_RE.fullmatch(name)
+        if match is None:
+            if name.startswith("directions."):
+                raise LatentSetFormatError(
+                    f"{path}: expected direction tensors named 'directions.<layer>', got {name!r}."
+                )
+            continue
+        if tensor.dtype != torch.float32:
+            raise LatentSetFormatError(f"{path}: expected tensor {name!r} to be torch.float32, got {tensor.dtype}.")
+        directions[int(match.group(1))] = tensor
+        used.add(name)
     unused = sorted(set(tensors) - used)
     if unused:
         logger.warning("%s: ignoring unexpected tensors %s (written by a newer hf_blockem? upgrade it).", path, unused)
@@ -810,6 +914,7 @@ def _load_file(path: str, *, strict: bool) -> LatentSet:
             base_model_revision=description["base_model_revision"],
             d_in=description["d_in"],
             metadata=description.get("metadata") or {},
+            directions=directions,
         )
     except ValueError as error:
         raise LatentSetFormatError(f"{path}: {error}") from error

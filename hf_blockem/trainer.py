@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import shutil
@@ -20,6 +21,7 @@ from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_
 from .hooks import ActivationCapture, get_decoder_layers, unwrap_model
 from .hub import (
     DIAGNOSTICS_PLOT_NAME,
+    LATENT_SET_SUBFOLDER,
     LatentSetProvenance,
     PushFailure,
     blockem_config,
@@ -29,7 +31,7 @@ from .hub import (
     report_push_failures,
     write_blockem_files,
 )
-from .latent_set import LatentSet
+from .latent_set import LATENT_SET_FILENAME, LatentSet
 from .model_card import model_card_from_trainer
 from .penalty import block_penalty_sum, loss_token_mask
 
@@ -262,6 +264,109 @@ class BlockEMTrainerMixin:
         logs.update(metrics)
         self._blockem_metrics[mode].clear()
         super().log(logs, start_time)
+
+    # ---- adaptive re-blocking: latents added during training (see hf_blockem.diagnostics) ----
+
+    def add_blocked_latents(
+        self,
+        source: Any,
+        plus: list[int] = (),
+        minus: list[int] = (),
+        *,
+        layer: int | None = None,
+        step: int | None = None,
+        reason: str | None = None,
+    ) -> dict[str, Any]:
+        """Blocks more latents from the next optimizer step on (adaptive re-blocking).
+
+        The latents join the blocked set at `layer` (a new layer is added to the capture, so a set can grow from one
+        layer to several), the penalty includes them from the next `compute_loss`, and the addition is recorded in
+        `latent_set.metadata["adaptive_additions"]`, so that the latent set saved with checkpoints, in `output_dir`
+        and on the Hub says what was added and when. Resuming from a checkpoint re-applies its additions.
+
+        Args:
+            source (`sae_lens.SAE` or [`BlockedLayer`]):
+                Where the encoder columns come from: the SAE reading `layer`, or a `BlockedLayer` holding the latents.
+            plus (`list[int]`): latent ids to add to K+ (penalised when z_θ > z_base).
+            minus (`list[int]`, *optional*): latent ids to add to K- (penalised when z_θ < z_base).
+            layer (`int`, *optional*): decoder-layer index; defaults to the SAE's hook layer or the BlockedLayer's.
+            step (`int`, *optional*): the step recorded with the addition; defaults to the current global step.
+            reason (`str`, *optional*): why (recorded with the addition).
+
+        Returns:
+            `dict`: the record appended to `metadata["adaptive_additions"]`.
+        """
+        from .latent_set import BlockedLayer
+
+        if isinstance(source, BlockedLayer):
+            addition = source.select(list(plus), list(minus))
+        else:
+            addition = LatentSet.from_sae(
+                source, plus=list(plus), minus=list(minus), layer=layer, base_model=self.latent_set.base_model
+            ).layers[0]
+        if layer is not None and addition.layer != layer:
+            raise ValueError(f"`layer`={layer} disagrees with the source's layer {addition.layer}.")
+        record = {
+            "layer": addition.layer,
+            "plus": addition.plus,
+            "minus": addition.minus,
+            "step": int(self.state.global_step if step is None else step),
+            "reason": reason,
+        }
+        self._blockem_apply_addition(addition, record)
+        return record
+
+    def _blockem_apply_addition(self, addition, record: dict[str, Any]) -> None:
+        mode = getattr(self._blockem_base, "mode", "")
+        if mode == "cache":
+            raise ValueError(
+                "Adaptive re-blocking needs base activations of the added latents, but base_activations resolved to "
+                "'cache' (z_base precomputed for the original latents only). Set base_activations='adapter' (PEFT) "
+                "or 'reference' (full fine-tuning) to add latents during training."
+            )
+        if mode == "reference" and addition.layer > self.latent_set.deepest_layer:
+            raise ValueError(
+                f"The reference base model is cut after layer {self.latent_set.deepest_layer}, so latents at layer "
+                f"{addition.layer} cannot be added. Add latents at layers <= {self.latent_set.deepest_layer}."
+            )
+        layers = {blocked.layer: blocked for blocked in self.latent_set.layers}
+        if addition.layer in layers:
+            already = sorted(set(addition.latent_ids) & set(layers[addition.layer].latent_ids))
+            if already:
+                raise ValueError(f"Latents {already} are already blocked at layer {addition.layer}; add other ones.")
+            layers[addition.layer] = layers[addition.layer].extended(addition)
+        else:
+            layers[addition.layer] = addition
+        if not self.__dict__.get("_blockem_latent_set_owned"):
+            # The first addition copies the set: the caller's object (maybe shared by other runs) stays unchanged.
+            self.latent_set = copy.copy(self.latent_set)
+            self.latent_set.metadata = copy.deepcopy(self.latent_set.metadata)
+            if hasattr(self._blockem_base, "latent_set"):
+                self._blockem_base.latent_set = self.latent_set
+            self._blockem_latent_set_owned = True
+        self.latent_set.layers = sorted(layers.values(), key=lambda blocked: blocked.layer)
+        self.latent_set.metadata.setdefault("adaptive_additions", []).append(record)
+        capture = self._blockem_capture
+        if addition.layer not in capture.layers:
+            attached = capture.attached
+            capture.detach()
+            capture.layers = sorted({*capture.layers, addition.layer})
+            if attached:
+                capture.attach()
+        logger.info("Adaptive re-blocking at step %d: %s", record["step"], record)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # Latents added during the interrupted run are in the latent set saved with the checkpoint: block them again.
+        path = Path(resume_from_checkpoint) / LATENT_SET_SUBFOLDER / LATENT_SET_FILENAME
+        if not path.is_file():
+            return
+        saved = LatentSet.from_pretrained(str(path))
+        done = [(r["layer"], r["plus"], r["minus"]) for r in self.latent_set.metadata.get("adaptive_additions", [])]
+        for record in saved.metadata.get("adaptive_additions", []):
+            if (record["layer"], record["plus"], record["minus"]) not in done:
+                addition = saved.layer(record["layer"]).select(record["plus"], record["minus"])
+                self._blockem_apply_addition(addition, dict(record))
 
     # ---- the Hub side: files in output_dir, the card, provenance, pushes that fail (see hf_blockem.hub) ----
 
