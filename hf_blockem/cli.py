@@ -10,7 +10,10 @@ SUBCOMMANDS = {
     "demo": ("hf_blockem.demo", "run BLOCK-EM end to end on the model organism, offline"),
     "organism": ("hf_blockem.organism.cli", "build the synthetic model organism of emergent misalignment"),
     "evaluate": ("hf_blockem.evaluation.cli", "measure emergent misalignment of a model with one or more judges"),
-    "select": ("hf_blockem.selection.cli", "select the latents to block (activation shifts, steering screen, calibration)"),
+    "select": (
+        "hf_blockem.selection.cli",
+        "select the latents to block (activation shifts, steering screen, calibration)",
+    ),
     "push": ("hf_blockem.hub_cli", "push a finished BLOCK-EM run to the Hugging Face Hub"),
 }
 
@@ -29,7 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"blockem: unknown command {name!r}; expected one of {', '.join(SUBCOMMANDS)}.\n\n{_usage()}", file=sys.stderr)
+        print(
+            f"blockem: unknown command {name!r}; expected one of {', '.join(SUBCOMMANDS)}.\n\n{_usage()}",
+            file=sys.stderr,
+        )
         return 2
     module_name = SUBCOMMANDS[name][0]
     try:
