@@ -76,7 +76,8 @@ class BlockEMTrainerMixin:
         *args, **kwargs:
             Passed on to the wrapped trainer.
 
-    Logged metrics (averaged over the micro-batches between two logs, eval ones prefixed with `eval_`):
+    Logged metrics (token-weighted means over the micro-batches and processes between two logs, so that they do not
+    depend on how a step is split into micro-batches and processes; eval ones prefixed with `eval_`):
         `blockem/penalty` (L_block per loss token, before λ), `blockem/penalty_relative` (the same divided by the
         mean squared base activation of the blocked latents: comparable across models), `blockem/lambda`, and per
         layer `L` and latent id `k`: `blockem/layer_L/penalty`, `blockem/layer_L/latent_k/z`, `.../z_base` (mean
@@ -106,6 +107,11 @@ class BlockEMTrainerMixin:
             # Each collated batch then carries its precomputed z_base (see hf_blockem.base_activations.cache).
             self.data_collator = self._blockem_base.wrap_collator(self.data_collator)
         self._blockem_metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        # The weight of each value above (its micro-batch's loss tokens, over all processes): see `log`.
+        self._blockem_metric_weights: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
@@ -234,7 +240,12 @@ class BlockEMTrainerMixin:
         if n_tokens == 0:
             return
         mode = "train" if self.model.training else "eval"
-        metrics = self._blockem_metrics[mode]
+        metrics, weights = self._blockem_metrics[mode], self._blockem_metric_weights[mode]
+
+        def add(key: str, value: float, weight: float = n_tokens) -> None:
+            metrics[key].append(value)
+            weights[key].append(weight)
+
         penalty, base_scale, i = 0.0, 0.0, 1
         for blocked, *_ in stats:
             n = blocked.n_latents
@@ -247,22 +258,30 @@ class BlockEMTrainerMixin:
             i += 2 + 3 * n
             penalty, base_scale = penalty + layer_sum, base_scale + base_sq
             prefix = f"blockem/layer_{blocked.layer}"
-            metrics[f"{prefix}/penalty"].append(layer_sum / n_tokens)
+            add(f"{prefix}/penalty", layer_sum / n_tokens)
             for j, latent in enumerate(blocked.latent_ids):
-                metrics[f"{prefix}/latent_{latent}/z"].append(z_sum[j] / n_tokens)
-                metrics[f"{prefix}/latent_{latent}/z_base"].append(zb_sum[j] / n_tokens)
-                metrics[f"{prefix}/latent_{latent}/over_base"].append(over_sum[j] / n_tokens)
-        metrics["blockem/penalty"].append(penalty / n_tokens)
-        metrics["blockem/penalty_relative"].append(penalty / base_scale if base_scale > 0 else 0.0)
-        metrics["blockem/lambda"].append(lam)
+                add(f"{prefix}/latent_{latent}/z", z_sum[j] / n_tokens)
+                add(f"{prefix}/latent_{latent}/z_base", zb_sum[j] / n_tokens)
+                add(f"{prefix}/latent_{latent}/over_base", over_sum[j] / n_tokens)
+        add("blockem/penalty", penalty / n_tokens)
+        # Weighted by its own denominator: the window's value is then sum(penalty) / sum(z_base²).
+        add("blockem/penalty_relative", penalty / base_scale if base_scale > 0 else 0.0, base_scale)
+        add("blockem/lambda", lam)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {key: sum(values) / len(values) for key, values in self._blockem_metrics[mode].items() if values}
+        # Token-weighted, like the Trainer's loss: (1 process x batch 8) and (2 processes x batch 2 x accumulation 2)
+        # log the same values, whatever the micro-batches' token counts.
+        weights = self._blockem_metric_weights[mode]
+        metrics = {
+            key: _weighted_mean(values, weights.get(key)) for key, values in self._blockem_metrics[mode].items()
+        }
+        metrics = {key: value for key, value in metrics.items() if value is not None}
         if mode == "eval":
             metrics = {f"eval_{key}": value for key, value in metrics.items()}
         logs.update(metrics)
         self._blockem_metrics[mode].clear()
+        weights.clear()
         super().log(logs, start_time)
 
     # ---- adaptive re-blocking: latents added during training (see hf_blockem.diagnostics) ----
@@ -560,6 +579,14 @@ class BlockEMTrainerMixin:
         if isinstance(result, Future):
             self._blockem_push_jobs.append((result, "push_to_hub"))
         return result
+
+
+def _weighted_mean(values: list[float], weights: list[float] | None) -> float | None:
+    if not values:
+        return None
+    if weights is None or len(weights) != len(values) or sum(weights) <= 0:
+        return sum(values) / len(values)
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / sum(weights)
 
 
 class BlockEMTrainer(BlockEMTrainerMixin, Trainer):

@@ -14,6 +14,7 @@ Every source implements `z_base(model, capture, inputs, mask) -> {layer: [n_mask
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sized
 from pathlib import Path
@@ -201,10 +202,17 @@ def _load_or_build(trainer, capture: ActivationCapture, fallback):
     directory = getattr(args, "base_activations_cache_dir", None) or default_cache_dir(dataset, args.output_dir)
     path = BaseActivationCache.paths(directory, key)[0]
     accelerator = trainer.accelerator
-    # One writer: the main process builds and writes first; the others then find the file and load it. (A process
-    # that cannot see the main process's file, e.g. on another node without shared storage, builds its own copy.)
-    with accelerator.main_process_first():
+    # One writer. Unsharded, the main process builds and writes first; the others then find the file and load it (a
+    # process that cannot see it, e.g. on another node without shared storage, builds its own copy). Sharded (FSDP,
+    # DeepSpeed), every forward gathers parameters from all processes: all build together, the main process writes.
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    with contextlib.nullcontext() if sharded else accelerator.main_process_first():
         cache, built = BaseActivationCache.load(directory, key), False
+        if sharded and accelerator.num_processes > 1:
+            # All processes must take the same branch, or the ones that build wait forever for the others.
+            found = torch.tensor([cache is not None], dtype=torch.int32, device=accelerator.device)
+            if not bool(accelerator.gather(found).all()):
+                cache = None
         if cache is None:
             loader = torch.utils.data.DataLoader(
                 rows, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collator
@@ -222,6 +230,8 @@ def _load_or_build(trainer, capture: ActivationCapture, fallback):
             if accelerator.is_main_process:
                 cache.save(directory, key)
                 logger.info("Saved BLOCK-EM base activations of %d sequences to %s", len(cache), path)
+    if sharded:
+        accelerator.wait_for_everyone()  # the file is complete before any process goes on
     if isinstance(fallback, ReferenceBaseActivations):
         fallback.release()  # reloaded only if an uncached batch (an eval set) needs it
     return cache, built, key, path

@@ -1,7 +1,7 @@
 """Base activations from the trained PEFT model with its adapters disabled (`base_activations="adapter"`).
 
 With LoRA the model with adapters disabled *is* the base model, bit for bit in fp32, so this costs a partial forward
-without any extra weights in memory: run under inference mode and in eval mode (no dropout), and stopped right after
+without any extra weights in memory: run under no-grad and in eval mode (no dropout), and stopped right after
 the deepest blocked layer (the LM head never runs).
 """
 
@@ -54,4 +54,19 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
     ) -> dict[int, torch.Tensor]:
         peft_model = peft_model_of(model)
         with torch.no_grad(), peft_model.disable_adapter(), eval_mode(model):
-            return run_until_layer(capture, model, **inputs, use_cache=False)
+            if not is_sharded(model):
+                return run_until_layer(capture, model, **inputs, use_cache=False)
+            # FSDP and ZeRO-3 gather each module's parameters before its forward and release them after it: a forward
+            # cut short by an exception leaves them gathered and the next backward reduces the wrong gradients.
+            with capture.window() as captured:
+                model(**inputs, use_cache=False)
+            return captured
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP (1 or 2) or DeepSpeed ZeRO-3 manages `model`'s parameters (their hooks must see every forward end)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules()) or any(
+        hasattr(param, "ds_id") for param in model.parameters()
+    )

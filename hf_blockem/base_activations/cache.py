@@ -1,7 +1,7 @@
 """Precomputed base activations (`base_activations="cache"`).
 
 One pass before training runs the base model (adapters off, or the truncated reference) over the whole tokenised
-training set, in inference mode and in large batches, and keeps z_base on the latent-set columns only: |K| floats per
+training set, under no-grad and in large batches, and keeps z_base on the latent-set columns only: |K| floats per
 token instead of d_in. Training then reads them instead of running a base forward.
 
 Content addressing. Each sequence is stored under a hash of its token ids (and its position ids when the batch
@@ -18,6 +18,7 @@ changed key recomputes. Files: `blockem-base-activations-<key>.safetensors` (ten
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -111,11 +112,29 @@ def weights_fingerprint(module: nn.Module, only_frozen: bool = False) -> str:
         for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
             if only_frozen and param.requires_grad:
                 continue
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES]
-            digest.update(f"\0{name}\0{param.dtype}\0{list(param.shape)}\0".encode())
-            digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
+            # The same key with and without FSDP1's wrappers around the layers.
+            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+            with _whole(param) as whole:
+                flat = whole.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES]
+                digest.update(f"\0{name}\0{whole.dtype}\0{list(whole.shape)}\0".encode())
+                digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
     return "sha256:" + digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _whole(param: torch.Tensor):
+    # A sharded parameter is gathered for the sample: a collective, which every process runs in the same (sorted)
+    # order since every process computes the cache key.
+    if hasattr(param, "full_tensor"):  # FSDP2 / DTensor
+        yield param.full_tensor()
+    elif hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 keeps an empty placeholder in `param.data`
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            yield param.data
+    else:
+        yield param
 
 
 def latent_set_checksum(latent_set: LatentSet) -> str:

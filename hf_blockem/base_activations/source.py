@@ -70,8 +70,8 @@ class OnTheFlyBaseActivations(BaseActivations):
         raise NotImplementedError
 
     def z_base(self, model, capture, inputs, mask):
-        with torch.inference_mode():
+        # no_grad, not inference_mode: FSDP2 and ZeRO-3 gather parameters into buffers that the training forward
+        # reuses, and a buffer first written under inference mode cannot be updated in place outside it.
+        with torch.no_grad():
             hidden = self.hidden_states(model, capture, forward_inputs(inputs))
-            z = {blocked.layer: blocked.encode(hidden[blocked.layer][mask]) for blocked in self.latent_set.layers}
-        # Inference tensors cannot enter autograd graphs; these few columns are cheap to copy out.
-        return {layer: value.clone() for layer, value in z.items()}
+            return {blocked.layer: blocked.encode(hidden[blocked.layer][mask]) for blocked in self.latent_set.layers}

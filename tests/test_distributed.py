@@ -1,0 +1,166 @@
+"""Two real processes (torchrun, gloo on CPU) against one: same loss, same gradients, same reduced metrics.
+
+`tests/distributed_worker.py` trains one plain-SGD step (lr 1, so the update is minus the gradient) on exactly 8
+examples: 2 processes x per-device batch 2 x accumulation 2 against 1 process x batch 8, for every source of base
+activations that runs on CPU. The comparison is exact up to the order of fp32 summation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_worker import case_name, run_case
+from safetensors.torch import load_file
+from tiny_models import tiny_model
+
+TESTS = Path(__file__).parent
+MODES = ("adapter", "reference", "cache")
+LOSS_KWARGS = (True, False)  # False: equal-length sequences, where per-micro-batch means are exact
+TOLERANCE = 1e-5  # relative to each tensor's scale, fp32
+LAUNCH_TIMEOUT_S = 240  # generous: two processes import torch, transformers, TRL and PEFT on shared cores
+
+
+def distributed_case(mode: str, accepts_loss_kwargs: bool, **extra) -> dict:
+    return dict(mode=mode, batch=2, accumulation=2, accepts_loss_kwargs=accepts_loss_kwargs, **extra)
+
+
+def single_case(case: dict) -> dict:
+    single = {**case, "batch": 8, "accumulation": 1}
+    single.pop("fsdp", None)  # one process: nothing to shard, the same reference run
+    return single
+
+
+DDP_CASES = [distributed_case(mode, accepts) for mode in MODES for accepts in LOSS_KWARGS]
+FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(cases: list[dict], out: Path, base_dir: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(TESTS / "distributed_worker.py"),
+        "--out",
+        str(out),
+        "--base-dir",
+        base_dir,
+        "--cases",
+        json.dumps(cases),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # The worker imports the test helpers (tests/) and the library from the checkout.
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
+    return subprocess.run(
+        command, cwd=TESTS, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, check=False
+    )
+
+
+def read_result(out: Path, case: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    name = case_name(case)
+    return json.loads((out / f"{name}.json").read_text()), load_file(str(out / f"{name}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("base") / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory, base_dir) -> Path:
+    # One launch for every case: starting two processes costs more than all the training steps together.
+    out = tmp_path_factory.mktemp("distributed")
+    result = launch(DDP_CASES + FSDP_CASES, out, base_dir)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_runs(tmp_path_factory, base_dir):
+    out = tmp_path_factory.mktemp("single")
+    cache: dict[str, dict] = {}
+
+    def get(case: dict) -> dict:
+        name = case_name(single_case(case))
+        if name not in cache:
+            cache[name] = run_case(single_case(case), out, base_dir)
+        return cache[name]
+
+    return get
+
+
+def assert_updates_close(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        scale = max(1.0, expected[name].abs().max().item())
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=TOLERANCE * scale, msg=name)
+
+
+def assert_same_step(single: dict, distributed: dict, updates: dict[str, torch.Tensor]) -> None:
+    assert distributed["world_size"] == 2 and single["world_size"] == 1
+    assert distributed["loss"] == pytest.approx(single["loss"], rel=TOLERANCE)
+    assert_updates_close(single["updates"], updates)
+    # The penalty did contribute, and its metrics, reduced over both processes, are the single process's.
+    assert single["metrics"]["blockem/penalty"] > 0.01
+    assert distributed["metrics"].keys() == single["metrics"].keys()
+    for key, value in single["metrics"].items():
+        assert distributed["metrics"][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
+
+
+@pytest.mark.parametrize("case", DDP_CASES, ids=case_name)
+def test_two_processes_match_one(distributed_run, single_runs, case):
+    distributed, updates = read_result(distributed_run, case)
+    assert "MULTI_CPU" in distributed["distributed_type"]
+    assert_same_step(single_runs(case), distributed, updates)
+    # DDP tolerates one grad-enabled forward per backward: every base pass must run without grad. Adapters off
+    # runs one per micro-batch, the reference has a model of its own, the cache runs one pass before training (on
+    # the process that writes it: 8 examples, one evaluation batch) and none during.
+    base_passes = {"adapter": [2, 2], "reference": [0, 0], "cache": [1, 0]}[case["mode"]]
+    for process, expected in zip(distributed["processes"], base_passes, strict=True):
+        assert process["forwards_with_grad"] == case["accumulation"]
+        assert process["forwards_without_grad"] == expected
+
+
+@pytest.mark.parametrize("accepts_loss_kwargs", LOSS_KWARGS)
+def test_two_processes_write_one_cache_and_read_it_both(distributed_run, accepts_loss_kwargs):
+    distributed, _ = read_result(distributed_run, distributed_case("cache", accepts_loss_kwargs))
+    main, other = distributed["processes"]
+    assert main["cache_built"] and not other["cache_built"]  # one writer; the other process loaded its file
+    assert main["cache_digest"] == other["cache_digest"]
+    assert main["cache_misses"] == other["cache_misses"] == 0
+    assert len([name for name in distributed["cache_files"] if name.endswith(".safetensors")]) == 1
+
+
+@pytest.mark.parametrize("case", FSDP_CASES, ids=case_name)
+def test_fsdp2_two_processes_match_one(distributed_run, single_runs, case):
+    # accelerate enables FSDP only on accelerator devices; the worker lifts that one check (see
+    # `allow_fsdp_on_cpu`) so that torch's FSDP2 runs on CPU with gloo through the Trainer's own preparation.
+    distributed, updates = read_result(distributed_run, case)
+    assert distributed["fsdp_enabled"] and distributed["sharded_parameters"] > 0
+    assert_same_step(single_runs(case), distributed, updates)
+    for process in distributed["processes"]:
+        assert process["forwards_with_grad"] == case["accumulation"]
+    if case["mode"] == "cache":
+        # Sharded, every forward is a collective: both processes build together, one of them writes.
+        main, other = distributed["processes"]
+        assert main["cache_built"] and other["cache_built"]
+        assert main["cache_digest"] == other["cache_digest"]
+        assert main["cache_misses"] == other["cache_misses"] == 0
+        assert len([name for name in distributed["cache_files"] if name.endswith(".safetensors")]) == 1
