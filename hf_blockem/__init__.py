@@ -24,6 +24,10 @@ _EXPORTS = {
     "get_decoder_layers": "hf_blockem.hooks",
     "LatentSetFormatError": "hf_blockem.latent_set",
     "BaseActivationCache": "hf_blockem.base_activations",
+    "BlockEMCallback": "hf_blockem.diagnostics",
+    "ProbeBatch": "hf_blockem.diagnostics",
+    "probe_batch": "hf_blockem.diagnostics",
+    "misalignment_directions": "hf_blockem.diagnostics",
     "load_truncated_reference": "hf_blockem.base_activations",
     "generate_blocked_model_card": "hf_blockem.model_card",
     "push_output_dir": "hf_blockem.hub",
@@ -43,6 +47,10 @@ __all__ = [
     "get_decoder_layers",
     "LatentSetFormatError",
     "BaseActivationCache",
+    "BlockEMCallback",
+    "ProbeBatch",
+    "probe_batch",
+    "misalignment_directions",
     "load_truncated_reference",
     "generate_blocked_model_card",
     "push_output_dir",
@@ -51,6 +59,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .base_activations import BaseActivationCache, load_truncated_reference
     from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
+    from .diagnostics import BlockEMCallback, ProbeBatch, misalignment_directions, probe_batch
     from .hooks import ActivationCapture, get_decoder_layers
     from .hub import push_output_dir
     from .latent_set import BlockedLayer, LatentSet, LatentSetFormatError
