@@ -68,8 +68,15 @@ def allow_fsdp_on_cpu() -> None:
 
 
 def full_tensor(param: torch.Tensor) -> torch.Tensor:
-    # FSDP2 leaves DTensor shards on each process.
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
+    """The whole parameter on the CPU: FSDP2 leaves DTensor shards on each process, ZeRO-3 an empty placeholder."""
+    if hasattr(param, "full_tensor"):
+        return param.full_tensor().cpu()
+    if hasattr(param, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.data.detach().cpu().clone()
+    return param.detach().cpu()
 
 
 def case_name(case: dict) -> str:
@@ -80,7 +87,8 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
     """Trains one step of `case` and returns its record (and writes it, on the main process, to `out_dir`).
 
     case keys: `mode` (base activations), `batch`, `accumulation`, `accepts_loss_kwargs`, and optionally `fsdp`
-    (`"2"` for FSDP2) and `gradient_checkpointing`.
+    (`"2"` for FSDP2), `zero` (a DeepSpeed ZeRO stage), `gradient_checkpointing` and `cpu` (default true; false runs
+    on the GPU, as `benchmarks/gpu_smoke.py` does).
     """
     name = case_name(case)
     mode = case["mode"]
@@ -93,12 +101,23 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
     inner.register_forward_pre_hook(lambda module, args: forwards.append(torch.is_grad_enabled()))
 
     extra = {}
-    if case.get("fsdp"):
+    cpu = case.get("cpu", True)
+    if case.get("fsdp") and cpu:
         allow_fsdp_on_cpu()
+    if case.get("fsdp"):
         extra = dict(
             fsdp=True,
             fsdp_config={"version": int(case["fsdp"]), "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]},
         )
+    if case.get("zero"):
+        extra["deepspeed"] = {
+            "zero_optimization": {"stage": int(case["zero"])},
+            "train_micro_batch_size_per_gpu": "auto",
+            "train_batch_size": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_force_ds_cpu_optimizer": False,  # the plain torch SGD of this test
+        }
     if case.get("gradient_checkpointing"):
         extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
     args = BlockEMConfig(
@@ -117,7 +136,7 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
         logging_steps=1,
         report_to="none",
         save_strategy="no",
-        use_cpu=True,
+        use_cpu=cpu,
         seed=0,
         data_seed=0,
         remove_unused_columns=False,
@@ -135,9 +154,7 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
     trainer.train()
 
     updates = {
-        n: (full_tensor(p.detach()) - before[n]).contiguous()
-        for n, p in trainer.model.named_parameters()
-        if n in before
+        n: (full_tensor(p) - before[n]).contiguous() for n, p in trainer.model.named_parameters() if n in before
     }
     local = {"forwards_with_grad": sum(forwards), "forwards_without_grad": len(forwards) - sum(forwards)}
     source = trainer._blockem_base
@@ -158,7 +175,10 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type),
         "fsdp_enabled": bool(getattr(trainer, "is_fsdp_enabled", False)),
-        "sharded_parameters": sum(hasattr(p, "full_tensor") for p in trainer.model.parameters()),
+        "sharded_parameters": sum(
+            hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in trainer.model.parameters()
+        ),
+        "deepspeed_enabled": bool(getattr(trainer, "is_deepspeed_enabled", False)),
         "loss": logs["loss"],
         "metrics": {key: value for key, value in logs.items() if key.startswith("blockem/")},
         "processes": per_process,
