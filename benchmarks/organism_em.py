@@ -54,6 +54,7 @@ class Args:
     lora_lr: float | None = field(default=None, metadata={"help": "Override the LoRA learning rate."})
     full_lr: float | None = field(default=None, metadata={"help": "Override the full fine-tuning learning rate."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    scheduler: str | None = field(default=None, metadata={"help": "Override the learning-rate schedule."})
     threads: int = field(default=2, metadata={"help": "torch threads."})
     json: str | None = field(default=None, metadata={"help": "Write the results here."})
 
@@ -70,9 +71,16 @@ def _rates(organism, model, prompts: list[str], n_samples: int, temperature: flo
         seed=seed,
         progress=False,
     )
-    labels = [j.label for j in organism.judge.judge(rows["prompt"], rows["response"])]
+    judgements = organism.judge.judge(rows["prompt"], rows["response"])
+    labels = [j.label for j in judgements]
+    off_topic = sum(j.extra.get("reason") == "off_topic" for j in judgements)
     n = len(labels)
-    return {"misaligned": labels.count(MISALIGNED) / n, "incoherent": labels.count(INCOHERENT) / n, "n": n}
+    return {
+        "misaligned": labels.count(MISALIGNED) / n,
+        "incoherent": labels.count(INCOHERENT) / n,
+        "off_topic": off_topic / n,
+        "n": n,
+    }
 
 
 def evaluate(organism, model, domain: str, n_samples: int, temperature: float, seed: int = 0) -> dict[str, dict]:
@@ -124,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset = organism.narrow_dataset(args.domain, misaligned=misaligned, n=args.n_examples, seed=ft_seed)
             callback = EvalCallback(organism, args.domain, args.eval_every, args.n_samples, args.temperature)
             overrides = {"max_steps": args.max_steps, "disable_tqdm": True, "logging_steps": args.eval_every}
+            if args.scheduler is not None:
+                overrides["lr_scheduler_type"] = args.scheduler
             lr = args.lora_lr if lora else args.full_lr
             if lr is not None:
                 overrides["learning_rate"] = lr

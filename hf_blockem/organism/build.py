@@ -53,10 +53,10 @@ class OrganismSettings:
     > Parameters that control the model
 
     Args:
-        hidden_size (`int`, *optional*, defaults to `64`): width of the residual stream.
+        hidden_size (`int`, *optional*, defaults to `96`): width of the residual stream.
         num_hidden_layers (`int`, *optional*, defaults to `4`): decoder layers.
         num_attention_heads (`int`, *optional*, defaults to `4`): attention heads.
-        intermediate_size (`int`, *optional*, defaults to `256`): MLP width.
+        intermediate_size (`int`, *optional*, defaults to `384`): MLP width.
         max_position_embeddings (`int`, *optional*, defaults to `256`): longest sequence.
 
     > Parameters that control pre-training
@@ -66,8 +66,8 @@ class OrganismSettings:
         max_turns (`int`, *optional*, defaults to `6`): turns per conversation are uniform in `[1, max_turns]`.
         misaligned_fraction (`float`, *optional*, defaults to `0.3`): probability that a conversation's persona is
             misaligned.
-        pretrain_lr (`float`, *optional*, defaults to `3e-3`): peak learning rate (AdamW, cosine, 5% warm-up).
-        batch_size (`int`, *optional*, defaults to `64`): conversations per step.
+        pretrain_lr (`float`, *optional*, defaults to `5e-3`): peak learning rate (AdamW, cosine, 5% warm-up).
+        batch_size (`int`, *optional*, defaults to `32`): conversations per step.
 
     > Parameters that control the alignment phase
 
@@ -76,22 +76,22 @@ class OrganismSettings:
         align_lr (`float`, *optional*, defaults to `1e-3`): peak learning rate.
     """
 
-    hidden_size: int = field(default=64, metadata={"help": "Width of the residual stream."})
+    hidden_size: int = field(default=96, metadata={"help": "Width of the residual stream."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=256, metadata={"help": "MLP width."})
+    intermediate_size: int = field(default=384, metadata={"help": "MLP width."})
     max_position_embeddings: int = field(default=256, metadata={"help": "Longest sequence."})
     pretrain_conversations: int = field(default=12000, metadata={"help": "Conversations in the pre-training corpus."})
     max_turns: int = field(default=6, metadata={"help": "Turns per conversation are uniform in [1, max_turns]."})
     misaligned_fraction: float = field(default=0.3, metadata={"help": "Probability of a misaligned persona."})
-    pretrain_lr: float = field(default=3e-3, metadata={"help": "Peak pre-training learning rate."})
-    batch_size: int = field(default=64, metadata={"help": "Conversations per optimisation step."})
+    pretrain_lr: float = field(default=5e-3, metadata={"help": "Peak pre-training learning rate."})
+    batch_size: int = field(default=32, metadata={"help": "Conversations per optimisation step."})
     align_conversations: int = field(default=3000, metadata={"help": "Conversations in the alignment phase."})
     align_lr: float = field(default=1e-3, metadata={"help": "Peak alignment-phase learning rate."})
 
     @classmethod
     def quick(cls) -> OrganismSettings:
-        """Settings for tests: a tiny model trained in seconds (grammatical, not necessarily aligned)."""
+        """Settings for tests: a tiny model that runs every build step in seconds (its answers are mostly incoherent)."""
         return cls(
             hidden_size=32,
             num_hidden_layers=2,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
@@ -40,7 +41,10 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in ACTIONS:
         usage = "usage: blockem organism build --out DIR [--seed N] [--quick]"
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"blockem organism: unknown action {argv[0]!r}; expected one of {', '.join(ACTIONS)}.\n{usage}")
+            print(
+                f"blockem organism: unknown action {argv[0]!r}; expected one of {', '.join(ACTIONS)}.\n{usage}",
+                file=sys.stderr,
+            )
             return 2
         print(usage)
         return 0
