@@ -55,6 +55,7 @@ class Args:
     full_lr: float | None = field(default=None, metadata={"help": "Override the full fine-tuning learning rate."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     scheduler: str | None = field(default=None, metadata={"help": "Override the learning-rate schedule."})
+    batch_size: int | None = field(default=None, metadata={"help": "Override the per-device batch size."})
     threads: int = field(default=2, metadata={"help": "torch threads."})
     json: str | None = field(default=None, metadata={"help": "Write the results here."})
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset = organism.narrow_dataset(args.domain, misaligned=misaligned, n=args.n_examples, seed=ft_seed)
             callback = EvalCallback(organism, args.domain, args.eval_every, args.n_samples, args.temperature)
             overrides = {"max_steps": args.max_steps, "disable_tqdm": True, "logging_steps": args.eval_every}
+            if args.batch_size is not None:
+                overrides["per_device_train_batch_size"] = args.batch_size
             if args.scheduler is not None:
                 overrides["lr_scheduler_type"] = args.scheduler
             lr = args.lora_lr if lora else args.full_lr
