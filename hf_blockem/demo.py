@@ -43,6 +43,9 @@ class DemoArguments:
     n_select: int = field(default=5, metadata={"help": "Latents to block."})
     sae_l1: float = field(default=1.0, metadata={"help": "Sparsity penalty of the SAEs."})
     eval_samples: int = field(default=8, metadata={"help": "Answers per evaluation prompt."})
+    threads: int = field(
+        default=1, metadata={"help": "CPU threads for torch (a model this small runs fastest on one)."}
+    )
 
 
 def _quick(args: DemoArguments) -> dict[str, Any]:
@@ -57,6 +60,7 @@ def _quick(args: DemoArguments) -> dict[str, Any]:
             "widths": [32],
             "layers": [0],
             "selection": {"n_candidates": 2, "n_select": 2, "multipliers": (1.0, 4.0), "n_samples": 1},
+            "selection_prompts": 8,
             "eval_samples": 1,
             "max_new_tokens": 24,
         }
@@ -64,11 +68,21 @@ def _quick(args: DemoArguments) -> dict[str, Any]:
         "n_train": args.n_train,
         "max_steps": None,
         "sae_conversations": 1500,
-        "sae_steps": 3000,
+        "sae_steps": 800,
         "sae_l1": args.sae_l1,
         "widths": args.widths,
         "layers": args.layers,
-        "selection": {"n_select": args.n_select},
+        # Sized so that comparing four SAEs takes a few minutes on a laptop CPU.
+        "selection": {
+            "n_select": args.n_select,
+            "n_candidates": 4,
+            "n_samples": 2,
+            "n_response_samples": 2,
+            "multipliers": (1.0, 2.0, 4.0, 8.0),
+            "max_new_tokens": 48,
+            "batch_size": 128,
+        },
+        "selection_prompts": 24,
         "eval_samples": args.eval_samples,
         "max_new_tokens": 48,
     }
@@ -156,6 +170,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     from .selection import SelectionConfig, random_control, select_latents
 
     start = time.perf_counter()
+    torch.set_num_threads(args.threads)
     sizes = _quick(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +202,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         organism.tokenizer,
         saes,
         organism.judge,
-        organism.ood_prompts("selection", args.domain),
+        random.Random(args.seed).sample(organism.ood_prompts("selection", args.domain), sizes["selection_prompts"]),
         config=config,
         cache_dir=out / "selection" / "cache",
         base_model_id=organism.base_model_path,

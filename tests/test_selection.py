@@ -217,3 +217,20 @@ def test_select_cli_on_the_quick_organism(tmp_path):
     # Exit 0 with a latent set, 1 when nothing repaired (the quick organism is too small to be aligned).
     assert code == (0 if report["latent_set"] else 1)
     assert (out / "latent_set" / "latent_set.safetensors").exists() == (code == 0)
+
+
+def test_calibration_budget_counts_only_the_incoherence_steering_adds():
+    from hf_blockem.selection import Calibration, Candidate, ProbeResult
+
+    misaligned, base = ProbeResult(0.40, 0.40, 100), ProbeResult(0.0, 0.02, 100)
+    repair = [ProbeResult(0.30, 0.42, 100), ProbeResult(0.10, 0.49, 100), ProbeResult(0.0, 0.55, 100)]
+    induce = [ProbeResult(0.05, 0.02, 100), ProbeResult(0.20, 0.10, 100), ProbeResult(0.5, 0.30, 100)]
+    candidate = Candidate(7, 1, 0.5, 2.0, torch.zeros(HIDDEN))
+    c = Calibration(candidate, [1.0, 2.0, 4.0], repair, induce, 0.10, base, misaligned)
+    # 0.49 <= 0.40 + 0.10 but 0.55 is not: the calibrated repair strength is 2 (× typical activation 2.0 = α 4).
+    assert c.repair_multiplier == 2.0 and c.alpha == 4.0
+    assert c.repair_efficiency() == pytest.approx(0.30)
+    # Inducing on the base: 0.10 <= 0.02 + 0.10, 0.30 is not.
+    assert c.induce_multiplier == 2.0 and c.induction() == pytest.approx(0.20)
+    none_safe = Calibration(candidate, [1.0], [ProbeResult(0.0, 0.9, 100)], None, 0.10, base, misaligned)
+    assert none_safe.repair_multiplier is None and none_safe.alpha == 0.0 and none_safe.repair_efficiency() == 0.0

@@ -1,7 +1,9 @@
 """Stage 3: per-latent strength calibration under an incoherence budget, ranking, and the K+ / K− split.
 
 For each shortlisted latent, sweep the steering multiplier; its calibrated strength is the largest one whose answers
-stay within the incoherence budget (default: at most 10% incoherent). Repair efficiency = EM of the misaligned model
+stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
+unsteered. (Measured against the unsteered model, not as an absolute share, because an emergently misaligned model is
+often somewhat incoherent already; steering is charged only for the incoherence it adds.) Repair efficiency = EM of the misaligned model
 at α = 0 minus its EM when steered away at the calibrated strength. Latents are ranked by repair efficiency; the
 `"induce_and_repair"` rule (the paper's main rule) first requires non-zero induction at the calibrated inducing
 strength, `"repair_only"` does not (induction can fail where repair works).
@@ -30,28 +32,37 @@ class Calibration:
     repair: list[ProbeResult]
     induce: list[ProbeResult] | None
     budget: float
+    base: ProbeResult
+    misaligned: ProbeResult
 
-    def _safe_index(self, results: Sequence[ProbeResult]) -> int | None:
-        safe = [i for i, r in enumerate(results) if r.incoherence_rate <= self.budget]
+    def _safe_index(self, results: Sequence[ProbeResult], unsteered: ProbeResult) -> int | None:
+        limit = unsteered.incoherence_rate + self.budget
+        safe = [i for i, r in enumerate(results) if r.incoherence_rate <= limit]
         return max(safe, key=lambda i: self.multipliers[i]) if safe else None
+
+    def _repair_index(self) -> int | None:
+        return self._safe_index(self.repair, self.misaligned)
+
+    def _induce_index(self) -> int | None:
+        return None if self.induce is None else self._safe_index(self.induce, self.base)
 
     @property
     def repair_multiplier(self) -> float | None:
-        i = self._safe_index(self.repair)
+        i = self._repair_index()
         return None if i is None else self.multipliers[i]
 
     @property
     def induce_multiplier(self) -> float | None:
-        i = None if self.induce is None else self._safe_index(self.induce)
+        i = self._induce_index()
         return None if i is None else self.multipliers[i]
 
-    def repair_efficiency(self, misaligned: ProbeResult) -> float:
-        i = self._safe_index(self.repair)
-        return 0.0 if i is None else misaligned.em_rate - self.repair[i].em_rate
+    def repair_efficiency(self, misaligned: ProbeResult | None = None) -> float:
+        i = self._repair_index()
+        return 0.0 if i is None else (misaligned or self.misaligned).em_rate - self.repair[i].em_rate
 
-    def induction(self, base: ProbeResult) -> float:
-        i = None if self.induce is None else self._safe_index(self.induce)
-        return 0.0 if i is None else self.induce[i].em_rate - base.em_rate
+    def induction(self, base: ProbeResult | None = None) -> float:
+        i = self._induce_index()
+        return 0.0 if i is None else self.induce[i].em_rate - (base or self.base).em_rate
 
     @property
     def alpha(self) -> float:
@@ -87,8 +98,12 @@ def calibrate(
     induce: bool = True,
     progress: bool = True,
 ) -> list[Calibration]:
-    """Sweeps every shortlisted latent over `multipliers`, repairing the misaligned model (and inducing on the base)."""
+    """Sweeps every shortlisted latent over `multipliers`, repairing the misaligned model (and inducing on the base).
+
+    `budget` is the most incoherence (a share of answers) steering may add to the unsteered model's own.
+    """
     multipliers = sorted(float(m) for m in multipliers)
+    base, misaligned = base_probe.measure(), misaligned_probe.measure()  # cached: the unsteered baselines
     calibrations = []
     for candidate in tqdm(shortlist, disable=not progress, desc=f"calibrate layer {layer}"):
         repair = [misaligned_probe.measure(candidate.steering(layer, m, toward_misaligned=False)) for m in multipliers]
@@ -97,7 +112,7 @@ def calibrate(
             if induce
             else None
         )
-        calibrations.append(Calibration(candidate, multipliers, repair, induced, budget))
+        calibrations.append(Calibration(candidate, multipliers, repair, induced, budget, base, misaligned))
     return calibrations
 
 

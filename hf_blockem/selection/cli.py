@@ -58,7 +58,10 @@ class SelectArguments:
     multipliers: list[float] = field(
         default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0], metadata={"help": "Stage-3 sweep (× typical activation)."}
     )
-    incoherence_budget: float = field(default=0.10, metadata={"help": "Largest share of incoherent answers."})
+    incoherence_budget: float = field(
+        default=0.10,
+        metadata={"help": "Most incoherence (share of answers) steering may add to the unsteered model's."},
+    )
     rule: str = field(default="induce_and_repair", metadata={"help": "induce_and_repair or repair_only."})
     n_response_samples: int = field(default=4, metadata={"help": "Stage-1 answers per prompt."})
     n_samples: int = field(default=4, metadata={"help": "Answers per prompt in each Stage-2/3 measurement."})

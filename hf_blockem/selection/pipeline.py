@@ -35,8 +35,8 @@ class SelectionConfig:
         screen_multiplier (`float`, *optional*, defaults to `4.0`): Stage-2 steering strength, in units of each
             latent's typical activation.
         multipliers (`tuple[float]`, *optional*): Stage-3 sweep, same units.
-        incoherence_budget (`float`, *optional*, defaults to `0.10`): the largest share of incoherent answers a
-            calibrated strength may produce.
+        incoherence_budget (`float`, *optional*, defaults to `0.10`): the most incoherence (a share of answers) a
+            calibrated strength may add to the unsteered model's own.
         rule (`str`, *optional*, defaults to `"induce_and_repair"`): `"induce_and_repair"` (the paper's rule) or
             `"repair_only"`.
         fallback_to_repair_only (`bool`, *optional*, defaults to `True`): when no latent induces misalignment, rank by

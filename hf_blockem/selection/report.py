@@ -58,7 +58,8 @@ def _plot_layer(run: LayerSelection, output_dir: Path) -> list[str]:
             left.plot(c.multipliers, [r.em_rate for r in c.repair], style, marker="o", markersize=3, label=label)
             right.plot(c.multipliers, [r.incoherence_rate for r in c.repair], style, marker="o", markersize=3)
         budget = run.calibrations[0].budget
-        right.axhline(budget, color="tab:red", linestyle="--", linewidth=1, label=f"budget {budget:.0%}")
+        limit = mis.incoherence_rate + budget
+        right.axhline(limit, color="tab:red", linestyle="--", linewidth=1, label=f"budget (+{budget:.0%})")
         left.axhline(mis.em_rate, color="black", linewidth=0.5)
         left.set(xscale="log", xlabel="repair strength (× typical activation)", ylabel="EM rate (misaligned model)")
         right.set(xscale="log", xlabel="repair strength (× typical activation)", ylabel="incoherence rate")
