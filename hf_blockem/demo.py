@@ -98,7 +98,13 @@ def _fine_tune(organism, dataset, output_dir: Path, seed: int, max_steps: int | 
         overrides.update(max_steps=max_steps, logging_steps=1)
     if latent_set is None:
         return narrow_finetune(
-            organism.base_model_path, organism.tokenizer, dataset, output_dir, seed=seed, config_overrides=overrides
+            organism.base_model_path,
+            organism.tokenizer,
+            dataset,
+            output_dir,
+            seed=seed,
+            config_overrides=overrides,
+            save=True,
         )
     overrides["block_lambda"] = lam
     return narrow_finetune(

@@ -131,13 +131,11 @@ class SelectionResult:
     config: SelectionConfig = field(default_factory=SelectionConfig)
 
     def to_dict(self) -> dict[str, Any]:
+        kept = {run.name for run in self.layers}
         return {
             "config": asdict(self.config),
             "selected": [s.to_dict() for s in self.layers],
-            "compared": [
-                {"name": s.name, "layer": s.layer, "d_sae": s.d_sae, "group_repair_gain": s.group_repair_gain}
-                for s in self.compared
-            ],
+            "compared": [{**s.to_dict(), "kept": s.name in kept} for s in self.compared],
             "latent_set": None if self.latent_set is None else self.latent_set.to_dict(),
         }
 

@@ -92,7 +92,7 @@ def _markdown(result: SelectionResult, plots: dict[str, list[str]]) -> str:
                 f"{'yes' if run.name in kept else ''} |"
             )
         lines.append("")
-    for run in result.layers:
+    for run in result.compared or result.layers:
         base, mis = run.baseline["base"], run.baseline["misaligned"]
         lines += [
             f"## {run.name} (decoder layer {run.layer}, {run.d_sae} latents)",
@@ -104,6 +104,18 @@ def _markdown(result: SelectionResult, plots: dict[str, list[str]]) -> str:
             f"EM {mis.em_rate:.1%} → {run.group_repair.em_rate:.1%}."
             if run.group_repair is not None
             else "Selected: nothing.",
+            "",
+            f"Stage 2 (steering at {run.screen[0].multiplier if run.screen else '–'} × typical activation):",
+            "",
+            "| latent | sign | Δ_k | induction on base (Δ EM) | repair on misaligned (Δ EM) | incoherence when repairing |",
+            "|---|---|---|---|---|---|",
+            *[
+                f"| {r.candidate.latent} | {'+' if r.candidate.sign > 0 else '−'} | {r.candidate.delta:+.4f} | "
+                f"{r.induction(base):+.3f} | {r.repair_gain(mis):+.3f} | {r.repair.incoherence_rate:.1%} |"
+                for r in run.screen
+            ],
+            "",
+            "Stage 3 (calibration of the shortlist):",
             "",
             "| latent | sign | Δ_k | calibrated strength (× act.) | α | repair efficiency | induction |",
             "|---|---|---|---|---|---|---|",
@@ -120,7 +132,7 @@ def _markdown(result: SelectionResult, plots: dict[str, list[str]]) -> str:
 
 def write_report(result: SelectionResult, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
-    plots = {run.name: _plot_layer(run, output_dir) for run in result.layers}
+    plots = {run.name: _plot_layer(run, output_dir) for run in result.compared or result.layers}
     (output_dir / "report.json").write_text(json.dumps(result.to_dict(), indent=2))
     (output_dir / "report.md").write_text(_markdown(result, plots))
     if result.latent_set is not None:
