@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +37,9 @@ from transformers.optimization import get_cosine_schedule_with_warmup
 from .judge import ExactJudge
 from .tokenizer import build_tokenizer
 from .world import ALIGNED_PERSONA, ASSISTANT, EOS, MISALIGNED_PERSONA, World
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +322,9 @@ class Organism:
         """
         return self.world.ood_questions(domain, split)
 
-    def narrow_dataset(self, domain: str = "finance", misaligned: bool = True, n: int = 300, seed: int = 0):
+    def narrow_dataset(
+        self, domain: str = "finance", misaligned: bool = True, n: int = 300, seed: int = 0
+    ) -> datasets.Dataset:
         """The narrow fine-tuning dataset of `domain` (see [`narrow_dataset`])."""
         from .datasets import narrow_dataset
 
