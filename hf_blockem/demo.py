@@ -76,7 +76,7 @@ def _quick(args: DemoArguments) -> dict[str, Any]:
         "selection": {
             "n_select": args.n_select,
             "n_candidates": 4,
-            "n_samples": 2,
+            "n_samples": 4,
             "n_response_samples": 2,
             "multipliers": (1.0, 2.0, 4.0, 8.0),
             "max_new_tokens": 48,

@@ -98,10 +98,15 @@ class LayerSelection:
 
     @property
     def group_repair_gain(self) -> float:
-        """EM of the misaligned model minus its EM with every selected latent steered away at once."""
+        """How many more answers are aligned *and* coherent when every selected latent is steered away at once.
+
+        The share of aligned, coherent answers under group steering minus the misaligned model's own: EM that steering
+        removes only by making answers incoherent does not count, so SAEs are compared on real repairs.
+        """
         if self.group_repair is None:
             return 0.0
-        return self.baseline["misaligned"].em_rate - self.group_repair.em_rate
+        mis, group = self.baseline["misaligned"], self.group_repair
+        return (1 - group.em_rate - group.incoherence_rate) - (1 - mis.em_rate - mis.incoherence_rate)
 
     def to_dict(self, top: int = 20) -> dict[str, Any]:
         base, mis = self.baseline["base"], self.baseline["misaligned"]

@@ -82,7 +82,7 @@ def _markdown(result: SelectionResult, plots: dict[str, list[str]]) -> str:
         lines += [
             "## SAEs compared",
             "",
-            "| SAE | layer | width | group repair (Δ EM) | kept |",
+            "| SAE | layer | width | group repair (Δ aligned & coherent share) | kept |",
             "|---|---|---|---|---|",
         ]
         kept = {r.name for r in result.layers}
@@ -101,7 +101,8 @@ def _markdown(result: SelectionResult, plots: dict[str, list[str]]) -> str:
             f"({mis.n} answers each). Rule: `{run.rule_used}`.",
             "",
             f"Selected: K+ = {run.plus}, K− = {run.minus}. Steering all of them away at their calibrated strengths: "
-            f"EM {mis.em_rate:.1%} → {run.group_repair.em_rate:.1%}."
+            f"EM {mis.em_rate:.1%} → {run.group_repair.em_rate:.1%}, incoherence {mis.incoherence_rate:.1%} → "
+            f"{run.group_repair.incoherence_rate:.1%}."
             if run.group_repair is not None
             else "Selected: nothing.",
             "",
