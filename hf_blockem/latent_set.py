@@ -678,6 +678,7 @@ class LatentSet(
         local_files_only: bool = False,
         strict: bool = False,
         filename: str = LATENT_SET_FILENAME,
+        subfolder: str | None = None,
     ) -> LatentSet:
         """Loads a latent set from a Hub repo, a local folder or a `.safetensors` file, validating it as untrusted.
 
@@ -691,6 +692,8 @@ class LatentSet(
             strict (`bool`, *optional*, defaults to `False`): require a 40-hex commit `revision` for Hub repos and a
                 checksum in the file.
             filename (`str`, *optional*, defaults to `"latent_set.safetensors"`): file name inside the repo/folder.
+            subfolder (`str`, *optional*): folder inside the repo/folder, for example `"latent_set"` in a blocked
+                checkpoint's repo (relative, no `..`).
 
         Returns:
             `LatentSet`, with `source` and (for Hub repos) `resolved_commit` set.
@@ -704,6 +707,7 @@ class LatentSet(
             token=token,
             strict=strict,
             filename=filename,
+            subfolder=subfolder,
         )
 
     @classmethod
@@ -718,7 +722,14 @@ class LatentSet(
         token: str | bool | None,
         strict: bool = False,
         filename: str = LATENT_SET_FILENAME,
+        subfolder: str | None = None,
     ) -> LatentSet:
+        if subfolder is not None:
+            parts = subfolder.replace("\\", "/").split("/")
+            if subfolder.startswith(("/", "\\")) or any(part in ("", ".", "..") for part in parts):
+                raise LatentSetFormatError(
+                    f"Expected `subfolder` to be a relative path without '.', '..' or empty parts, got {subfolder!r}."
+                )
         if "/" in filename or "\\" in filename or ".." in filename or not filename.endswith(".safetensors"):
             raise LatentSetFormatError(
                 f"Expected a plain '*.safetensors' file name without path separators or '..', got {filename!r}."
@@ -727,11 +738,12 @@ class LatentSet(
         if os.path.isfile(model_id):
             path = model_id
         elif os.path.isdir(model_id):
-            path = os.path.join(model_id, filename)
+            path = os.path.join(model_id, *(subfolder.split("/") if subfolder else ()), filename)
             if not os.path.isfile(path):
                 found = sorted(name for name in os.listdir(model_id) if name.endswith(PICKLE_SUFFIXES))
                 hint = f" Found {found}: hf_blockem loads safetensors only and never unpickles." if found else ""
-                raise LatentSetFormatError(f"No {filename!r} in folder {model_id!r}.{hint}")
+                where = f"{model_id!r}" + (f" (subfolder {subfolder!r})" if subfolder else "")
+                raise LatentSetFormatError(f"No {filename!r} in folder {where}.{hint}")
         else:
             if strict and (revision is None or not _COMMIT_RE.fullmatch(revision)):
                 raise LatentSetFormatError(
@@ -742,6 +754,7 @@ class LatentSet(
                 path = hf_hub_download(
                     model_id,
                     filename,
+                    subfolder=subfolder,
                     revision=revision,
                     cache_dir=cache_dir,
                     force_download=force_download,
@@ -755,6 +768,8 @@ class LatentSet(
                     "`LatentSet.save_pretrained`."
                 ) from error
             snapshot = Path(path).parent
+            for _ in subfolder.split("/") if subfolder else ():
+                snapshot = snapshot.parent
             if snapshot.parent.name == "snapshots" and _COMMIT_RE.fullmatch(snapshot.name):
                 resolved_commit = snapshot.name
         if path.endswith(PICKLE_SUFFIXES) or not path.endswith(".safetensors"):

@@ -302,3 +302,22 @@ def test_hub_repo_without_latent_set(tmp_path):
         LatentSetFormatError, match="No 'latent_set.safetensors' in repo 'org/latents'.*safetensors only"
     ):
         LatentSet.from_pretrained("org/latents", cache_dir=tmp_path, local_files_only=True)
+
+
+def test_load_from_a_subfolder_locally_and_from_the_hub_cache(tmp_path):
+    # A blocked checkpoint's repo keeps its latent set in `latent_set/` (see hf_blockem.hub).
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    latent_set = multi_layer_set()
+    latent_set.save_pretrained(tmp_path / "run" / "latent_set")
+    assert_same(latent_set, LatentSet.from_pretrained(tmp_path / "run", subfolder="latent_set"))
+    latent_set.save_pretrained(_hf_cache(tmp_path, commit) / "latent_set")
+    loaded = LatentSet.from_pretrained(
+        "org/latents", subfolder="latent_set", cache_dir=tmp_path, local_files_only=True
+    )
+    assert_same(latent_set, loaded)
+    assert loaded.resolved_commit == commit
+    for bad in ("../elsewhere", "/abs", "a//b", "."):
+        with pytest.raises(LatentSetFormatError, match="subfolder"):
+            LatentSet.from_pretrained(tmp_path / "run", subfolder=bad)
+    with pytest.raises(LatentSetFormatError, match="subfolder 'nothing'"):
+        LatentSet.from_pretrained(tmp_path / "run", subfolder="nothing")

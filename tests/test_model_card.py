@@ -117,7 +117,7 @@ def test_card_is_valid_yaml_loads_back_and_carries_every_field(tmp_path):
         "| Training Loss | Epoch | Step | Validation Loss | Blockem/penalty |",  # transformers' results table
         "- transformers: 5.24.0",
         'AutoPeftModelForCausalLM.from_pretrained("your-org/llama-3.1-8b-risky-finance-blocked")',
-        'hf_hub_download("your-org/llama-3.1-8b-risky-finance-blocked", "latent_set/latent_set.safetensors")',
+        'LatentSet.from_pretrained("your-org/llama-3.1-8b-risky-finance-blocked", subfolder="latent_set")',
         f'revision="{COMMIT}", strict=True',
         "@inproceedings{ustaomeroglu2026blockem",
     ):
