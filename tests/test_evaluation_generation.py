@@ -1,6 +1,6 @@
 import pytest
 import torch
-from test_evaluation_tiny import tiny_llama, tiny_tokenizer
+from evaluation_tiny import tiny_llama, tiny_tokenizer
 
 from hf_blockem.evaluation import Prompt, Steering, TransformersBackend, generate_responses, steer
 from hf_blockem.evaluation.generation import _make_hook

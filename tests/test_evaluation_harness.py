@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 import yaml
-from test_evaluation_tiny import tiny_llama, tiny_tokenizer
+from evaluation_tiny import tiny_llama, tiny_tokenizer
 
 from hf_blockem.evaluation import (
     EvaluationResult,

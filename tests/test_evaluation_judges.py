@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 import torch
-from test_evaluation_tiny import SPECIALS, WORDS, tiny_llama, tiny_tokenizer
+from evaluation_tiny import SPECIALS, WORDS, tiny_llama, tiny_tokenizer
 
 from hf_blockem.evaluation import JudgementCache, LocalJudge, score_distribution
 from hf_blockem.evaluation.judge_prompts import PROMPT_VERSION, render_judge_prompt
