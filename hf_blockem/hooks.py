@@ -231,3 +231,36 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, flag in flags:
             module.training = flag
+
+
+@torch.no_grad()
+def iter_masked_hidden_states(
+    model: nn.Module,
+    capture: ActivationCapture,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> Iterator[dict[int, torch.Tensor]]:
+    """Runs `model` batch by batch up to the deepest watched layer and yields `{layer: hidden[token_mask]}`.
+
+    The read-only pass every analysis shares (activation shifts, diagnostics probes, SAE training data): no grad,
+    eval mode (no dropout), the forward stopped after the deepest layer of `capture`, only the tokens that count kept.
+
+    Args:
+        model (`torch.nn.Module`): the model `capture` is attached to.
+        capture ([`ActivationCapture`]): attached hooks on the layers to read.
+        batches (iterable of `(input_ids, attention_mask, token_mask)`): CPU or device tensors `[batch, seq]`;
+            batches without a counted token are skipped.
+    """
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        for input_ids, attention_mask, token_mask in batches:
+            mask = token_mask.to(device).bool()
+            if not mask.any():
+                continue
+            hidden = run_until_layer(
+                capture,
+                model,
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                use_cache=False,
+            )
+            yield {layer: value[mask] for layer, value in hidden.items()}

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .hooks import ActivationCapture, eval_mode, run_until_layer
+from .hooks import ActivationCapture, iter_masked_hidden_states
 from .latent_set import hook_name_for_layer
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,8 @@ def collect_activations(
         assistant_only (`bool`, *optional*, defaults to `False`): keep only assistant tokens (needs a template with
             generation markers); otherwise every non-padding token but the first of each sequence (attention sink).
     """
-    device = next(model.parameters()).device
-    chunks = []
-    with ActivationCapture(model, [layer]) as capture, eval_mode(model):
+
+    def batches():
         for start in range(0, len(conversations), batch_size):
             batch = tokenizer.apply_chat_template(
                 [list(c) for c in conversations[start : start + batch_size]],
@@ -52,18 +51,13 @@ def collect_activations(
                 max_length=max_length,
                 return_assistant_tokens_mask=assistant_only,
             )
-            keep = batch["attention_mask"].bool()
-            keep &= batch["attention_mask"].cumsum(-1) > 1
+            keep = batch["attention_mask"].bool() & (batch["attention_mask"].cumsum(-1) > 1)
             if assistant_only:
                 keep &= batch["assistant_masks"].bool()
-            hidden = run_until_layer(
-                capture,
-                model,
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                use_cache=False,
-            )[layer]
-            chunks.append(hidden[keep.to(device)].float().cpu())
+            yield batch["input_ids"], batch["attention_mask"], keep
+
+    with ActivationCapture(model, [layer]) as capture:
+        chunks = [hidden[layer].float().cpu() for hidden in iter_masked_hidden_states(model, capture, batches())]
     return torch.cat(chunks)
 
 

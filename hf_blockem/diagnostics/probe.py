@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..hooks import ActivationCapture, eval_mode, run_until_layer
+from ..hooks import ActivationCapture, iter_masked_hidden_states
 
 
 @dataclass
@@ -116,21 +116,10 @@ def probe_hidden_states(
 
     The forward stops after the deepest watched layer, runs in eval mode (no dropout) and without gradient.
     """
-    device = next(model.parameters()).device
     chunks: dict[int, list[torch.Tensor]] = {layer: [] for layer in capture.layers}
-    with eval_mode(model):
-        for start in range(0, probe.input_ids.shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            mask = probe.token_mask[rows].to(device)
-            if not mask.any():
-                continue
-            hidden = run_until_layer(
-                capture,
-                model,
-                input_ids=probe.input_ids[rows].to(device),
-                attention_mask=probe.attention_mask[rows].to(device),
-                use_cache=False,
-            )
-            for layer, value in hidden.items():
-                chunks[layer].append(value[mask].float())
+    rows = [slice(start, start + batch_size) for start in range(0, probe.input_ids.shape[0], batch_size)]
+    batches = ((probe.input_ids[r], probe.attention_mask[r], probe.token_mask[r]) for r in rows)
+    for hidden in iter_masked_hidden_states(model, capture, batches):
+        for layer, value in hidden.items():
+            chunks[layer].append(value.float())
     return {layer: torch.cat(values) for layer, values in chunks.items()}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..hooks import ActivationCapture, eval_mode, run_until_layer
+from ..hooks import ActivationCapture, iter_masked_hidden_states
 
 
 @dataclass
@@ -84,21 +84,16 @@ def response_latents(
 
     Only the layers up to `layer` run; the SAE encodes only the response tokens.
     """
-    device = next(model.parameters()).device
     sae_device = next(sae.parameters()).device
+    starts = tqdm(range(0, len(tokens.input_ids), batch_size), disable=not progress, desc="activations")
+    batches = (
+        (tokens.input_ids[b], tokens.attention_mask[b], tokens.response_mask[b])
+        for b in (slice(start, start + batch_size) for start in starts)
+    )
     chunks = []
-    with ActivationCapture(model, [layer]) as capture, eval_mode(model):
-        for start in tqdm(range(0, len(tokens.input_ids), batch_size), disable=not progress, desc="activations"):
-            batch = slice(start, start + batch_size)
-            hidden = run_until_layer(
-                capture,
-                model,
-                input_ids=tokens.input_ids[batch].to(device),
-                attention_mask=tokens.attention_mask[batch].to(device),
-                use_cache=False,
-            )[layer]
-            selected = hidden[tokens.response_mask[batch].to(device)]
-            chunks.append(sae.encode(selected.to(sae_device, sae.W_enc.dtype)).float().cpu())
+    with ActivationCapture(model, [layer]) as capture:
+        for hidden in iter_masked_hidden_states(model, capture, batches):
+            chunks.append(sae.encode(hidden[layer].to(sae_device, sae.W_enc.dtype)).float().cpu())
     return torch.cat(chunks)
 
 
