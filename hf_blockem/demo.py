@@ -40,7 +40,13 @@ class DemoArguments:
     block_lambda: float = field(default=100.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
-    n_select: int = field(default=5, metadata={"help": "Latents to block."})
+    n_select: int = field(default=5, metadata={"help": "Latents to block (per layer with --choose all)."})
+    choose: str = field(
+        default="best",
+        metadata={
+            "help": "best: block the SAE whose latents repair most; all: the best SAE of every layer (multi-layer)."
+        },
+    )
     sae_l1: float = field(default=1.0, metadata={"help": "Sparsity penalty of the SAEs."})
     eval_samples: int = field(default=8, metadata={"help": "Answers per evaluation prompt."})
     threads: int = field(
@@ -210,6 +216,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         organism.judge,
         random.Random(args.seed).sample(organism.ood_prompts("selection", args.domain), sizes["selection_prompts"]),
         config=config,
+        choose=args.choose,
         cache_dir=out / "selection" / "cache",
         base_model_id=organism.base_model_path,
     )
@@ -220,19 +227,24 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         # Blocking nothing would make the rest meaningless; block the largest shifts instead and say so loudly.
         logger.warning("No latent passed the causal screen; blocking the top-|Δ_k| latents of the best SAE instead.")
         chosen, latent_set = _fallback_selection(selection, saes, config.n_select, organism.base_model_path)
+        chosen = [chosen]
     else:
-        latent_set, chosen = selection.latent_set, selection.layers[0]
+        latent_set, chosen = selection.latent_set, selection.layers
     trainers["blocked"] = _fine_tune(
         organism, dataset, out / "blocked", args.seed, sizes["max_steps"], latent_set, args.block_lambda
     )
     lap("blocked fine-tune")
 
-    sae, layer = saes[chosen.name]
-    firing = _firing_rate(organism, sae, layer, dataset)
-    plus, minus = random_control(
-        len(chosen.plus), len(chosen.minus), firing, exclude=chosen.plus + chosen.minus, seed=args.seed
-    )
-    control_set = LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path)
+    # The control mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire.
+    controls = []
+    for run in chosen:
+        sae, layer = saes[run.name]
+        firing = _firing_rate(organism, sae, layer, dataset)
+        plus, minus = random_control(
+            len(run.plus), len(run.minus), firing, exclude=run.plus + run.minus, seed=args.seed
+        )
+        controls.append(LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path))
+    control_set = controls[0] if len(controls) == 1 else LatentSet.concatenate(controls)
     trainers["random_control"] = _fine_tune(
         organism, dataset, out / "random_control", args.seed, sizes["max_steps"], control_set, args.block_lambda
     )
@@ -274,9 +286,9 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             }
             for name in MODELS
         },
-        "latent_set": {"sae": chosen.name, "layer": chosen.layer, "plus": chosen.plus, "minus": chosen.minus},
+        "latent_set": [{"sae": r.name, "layer": r.layer, "plus": r.plus, "minus": r.minus} for r in chosen],
         "selection_fallback": fallback,
-        "random_control_set": {"plus": plus, "minus": minus},
+        "random_control_set": [{"layer": b.layer, "plus": b.plus, "minus": b.minus} for b in control_set.layers],
         "training_curves": _training_curves(trainers),
         "timings_seconds": timings,
     }

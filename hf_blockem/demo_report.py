@@ -32,20 +32,24 @@ def _markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | {_cell(m['ood_em_rate'])} | {_cell(m['target_rate'])} | {_cell(m['incoherence_rate'])} |"
         )
-    ls = report["latent_set"]
     if report.get("selection_fallback"):
         lines += [
             "",
             "**No latent passed the causal screen on this seed: the blocked run uses the largest activation "
             "shifts instead (uncalibrated).**",
         ]
+    blocked = "; ".join(
+        f"{s['sae']} (decoder layer {s['layer']}): K+ = {s['plus']}, K− = {s['minus']}" for s in report["latent_set"]
+    )
+    control = "; ".join(
+        f"layer {s['layer']}: K+ = {s['plus']}, K− = {s['minus']}" for s in report["random_control_set"]
+    )
     lines += [
         "",
-        "Relative reduction of out-of-domain EM against narrow FT: "
-        + ", ".join(f"{k.replace('_', ' ')} {v:+.0%}" if v is not None else f"{k} –" for k, v in reductions.items()),
+        "Change of out-of-domain EM relative to narrow FT: "
+        + ", ".join(f"{k.replace('_', ' ')} {-v:+.0%}" if v is not None else f"{k} –" for k, v in reductions.items()),
         "",
-        f"Blocked latents ({ls['sae']}, decoder layer {ls['layer']}): K+ = {ls['plus']}, K− = {ls['minus']}. "
-        f"Random control: K+ = {report['random_control_set']['plus']}, K− = {report['random_control_set']['minus']}.",
+        f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents that fire): {control}.",
         "",
         "![rates](rates.png)",
         "",

@@ -15,12 +15,12 @@ def test_demo_quick_end_to_end(tmp_path):
         for metric in ("ood_em_rate", "target_rate", "incoherence_rate"):
             rate = model[metric]
             assert 0.0 <= rate["ci"][0] <= rate["value"] <= rate["ci"][1] <= 1.0
-    blocked = set(report["latent_set"]["plus"] + report["latent_set"]["minus"])
-    control = set(report["random_control_set"]["plus"] + report["random_control_set"]["minus"])
+    blocked = {(s["layer"], k) for s in report["latent_set"] for k in s["plus"] + s["minus"]}
+    control = {(s["layer"], k) for s in report["random_control_set"] for k in s["plus"] + s["minus"]}
     assert blocked and len(control) == len(blocked) and not blocked & control
     assert any("blockem/penalty" in e for e in report["training_curves"]["blocked"])
     for name in ("report.md", "rates.png", "training_curves.png", "selection/report.md", "evaluation/result.json"):
         assert (out / name).stat().st_size > 0
     from hf_blockem import LatentSet
 
-    assert LatentSet.from_pretrained(out / "latent_set").layer_indices == [report["latent_set"]["layer"]]
+    assert LatentSet.from_pretrained(out / "latent_set").layer_indices == [s["layer"] for s in report["latent_set"]]
