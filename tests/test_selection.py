@@ -234,3 +234,22 @@ def test_calibration_budget_counts_only_the_incoherence_steering_adds():
     assert c.induce_multiplier == 2.0 and c.induction() == pytest.approx(0.20)
     none_safe = Calibration(candidate, [1.0], [ProbeResult(0.0, 0.9, 100)], None, 0.10, base, misaligned)
     assert none_safe.repair_multiplier is None and none_safe.alpha == 0.0 and none_safe.repair_efficiency() == 0.0
+
+
+def test_ranking_keeps_the_top_n_and_prefilter_drops_non_repairers():
+    from hf_blockem.selection import Calibration, Candidate, ProbeResult, rank_and_select
+
+    misaligned, base = ProbeResult(0.40, 0.10, 100), ProbeResult(0.0, 0.02, 100)
+
+    def calibration(latent, em_after, induced_em):
+        candidate = Candidate(latent, 1, 0.1 * latent, 1.0, torch.zeros(HIDDEN))
+        repair, induce = [ProbeResult(em_after, 0.10, 100)], [ProbeResult(induced_em, 0.02, 100)]
+        return Calibration(candidate, [1.0], repair, induce, 0.10, base, misaligned)
+
+    calibrations = [calibration(1, 0.45, 0.0), calibration(2, 0.10, 0.1), calibration(3, 0.30, 0.0)]
+    top = rank_and_select(calibrations, base, misaligned, n_select=2)
+    assert [c.candidate.latent for c in top] == [2, 3]  # by repair efficiency: +0.30, +0.10, -0.05
+    strict = rank_and_select(calibrations, base, misaligned, n_select=3, prefilter=True)
+    assert [c.candidate.latent for c in strict] == [2]  # repairs and induces
+    repair_only = rank_and_select(calibrations, base, misaligned, n_select=3, rule="repair_only", prefilter=True)
+    assert [c.candidate.latent for c in repair_only] == [2, 3]

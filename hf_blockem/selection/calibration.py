@@ -4,9 +4,10 @@ For each shortlisted latent, sweep the steering multiplier; its calibrated stren
 stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
 unsteered. (Measured against the unsteered model, not as an absolute share, because an emergently misaligned model is
 often somewhat incoherent already; steering is charged only for the incoherence it adds.) Repair efficiency = EM of the misaligned model
-at α = 0 minus its EM when steered away at the calibrated strength. Latents are ranked by repair efficiency; the
-`"induce_and_repair"` rule (the paper's main rule) first requires non-zero induction at the calibrated inducing
-strength, `"repair_only"` does not (induction can fail where repair works).
+at α = 0 minus its EM when steered away at the calibrated strength. The shortlist (Stage 2's survivors) is ranked by
+repair efficiency and the top N are kept, as in the paper's main procedure. With `prefilter=True` a latent must also
+show non-zero repair (and, under the `"induce_and_repair"` rule, non-zero induction) at its calibrated strengths, the
+paper's stricter variant; with a few dozen answers per measurement that pre-filter mostly tests sampling noise.
 """
 
 from __future__ import annotations
@@ -123,12 +124,15 @@ def rank_and_select(
     *,
     n_select: int,
     rule: str = "induce_and_repair",
+    prefilter: bool = False,
 ) -> list[Calibration]:
-    """The top `n_select` latents by repair efficiency, after the rule's pre-filter."""
+    """The top `n_select` shortlisted latents by repair efficiency (after the rule's pre-filter when `prefilter`)."""
     if rule not in RULES:
         raise ValueError(f"Expected a selection rule in {RULES}, got {rule!r}.")
-    eligible = [c for c in calibrations if c.repair_efficiency(misaligned) > 0]
-    if rule == "induce_and_repair":
-        eligible = [c for c in eligible if c.induction(base) > 0]
+    eligible = list(calibrations)
+    if prefilter:
+        eligible = [c for c in eligible if c.repair_efficiency(misaligned) > 0]
+        if rule == "induce_and_repair":
+            eligible = [c for c in eligible if c.induction(base) > 0]
     eligible.sort(key=lambda c: (-c.repair_efficiency(misaligned), -abs(c.candidate.delta)))
     return eligible[:n_select]

@@ -63,6 +63,9 @@ class SelectArguments:
         metadata={"help": "Most incoherence (share of answers) steering may add to the unsteered model's."},
     )
     rule: str = field(default="induce_and_repair", metadata={"help": "induce_and_repair or repair_only."})
+    prefilter: bool = field(
+        default=False, metadata={"help": "Stage 3 keeps only latents that repair at their calibrated strength."}
+    )
     n_response_samples: int = field(default=4, metadata={"help": "Stage-1 answers per prompt."})
     n_samples: int = field(default=4, metadata={"help": "Answers per prompt in each Stage-2/3 measurement."})
     max_new_tokens: int = field(default=64, metadata={"help": "Answer length limit."})

@@ -39,6 +39,8 @@ class SelectionConfig:
             calibrated strength may add to the unsteered model's own.
         rule (`str`, *optional*, defaults to `"induce_and_repair"`): `"induce_and_repair"` (the paper's rule) or
             `"repair_only"`.
+        prefilter (`bool`, *optional*, defaults to `False`): Stage 3 keeps only latents with non-zero repair (and
+            induction, under `"induce_and_repair"`) at their calibrated strengths before ranking.
         fallback_to_repair_only (`bool`, *optional*, defaults to `True`): when no latent induces misalignment, rank by
             repair alone (and say so in the report) instead of selecting nothing.
         n_response_samples (`int`, *optional*, defaults to `4`): Stage-1 answers sampled per selection prompt from the
@@ -56,6 +58,7 @@ class SelectionConfig:
     multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     incoherence_budget: float = 0.10
     rule: str = "induce_and_repair"
+    prefilter: bool = False
     fallback_to_repair_only: bool = True
     n_response_samples: int = 4
     n_samples: int = 4
@@ -261,7 +264,12 @@ def select_layer(
         progress=progress,
     )
     selected = rank_and_select(
-        calibrations, baseline["base"], baseline["misaligned"], n_select=config.n_select, rule=rule
+        calibrations,
+        baseline["base"],
+        baseline["misaligned"],
+        n_select=config.n_select,
+        rule=rule,
+        prefilter=config.prefilter,
     )
     group_repair, latent_set = None, None
     if selected:
