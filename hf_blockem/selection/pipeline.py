@@ -273,7 +273,12 @@ def select_layer(
     )
     group_repair, latent_set = None, None
     if selected:
-        group = [c.candidate.steering(layer, c.repair_multiplier, toward_misaligned=False) for c in selected]
+        # Latents with no strength inside the incoherence budget are blocked but not steered.
+        group = [
+            c.candidate.steering(layer, c.repair_multiplier, toward_misaligned=False)
+            for c in selected
+            if c.repair_multiplier is not None
+        ]
         group_repair = misaligned_probe.measure(group)
         ids = [c.candidate.latent for c in selected]
         index = {k: i for i, k in enumerate(ids)}
