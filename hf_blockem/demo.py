@@ -80,6 +80,9 @@ def _quick(args: DemoArguments) -> dict[str, Any]:
         "layers": args.layers,
         # Sized so that comparing four SAEs takes a few minutes on a laptop CPU.
         "selection": {
+            # Steering the organism's base model almost never induces misalignment (nor did it in the prototype),
+            # while steering the fine-tuned one repairs it: the paper's repair-only rule fits this organism.
+            "rule": "repair_only",
             "n_select": args.n_select,
             "n_candidates": 4,
             "n_samples": 4,
