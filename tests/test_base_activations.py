@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 from test_trainer import LAYER, lora_model, pad_collator, tiny_latent_set, token_dataset
-from tiny_models import tiny_chat_tokenizer, tiny_model
+from tiny_models import tiny_chat_tokenizer, tiny_model, trainer_args
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer
 from hf_blockem.base_activations import (
@@ -48,23 +48,8 @@ def packed_collator(features):
 
 
 def trainer_for(tmp_path, model, data=None, collator=pad_collator, latent_set=None, **overrides):
-    args = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=3,  # the cache pass batches differently from training
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        block_lambda=1.0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    args.update(overrides)
+    # The cache pass batches differently from training (eval batch 3).
+    args = trainer_args(tmp_path, **{"per_device_eval_batch_size": 3, **overrides})
     return BlockEMTrainer(
         model=model,
         args=BlockEMConfig(**args),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import HIDDEN, tiny_model
+from tiny_models import HIDDEN, tiny_model, trainer_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
@@ -107,24 +107,9 @@ def probe(seed: int = 7) -> ProbeBatch:
 
 
 def config(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        block_lambda=1.0,
-        base_activations="adapter",
-        remove_unused_columns=False,
-        disable_tqdm=True,
+    return BlockEMConfig(
+        **trainer_args(tmp_path, **{"learning_rate": 1e-3, "base_activations": "adapter", **overrides})
     )
-    kwargs.update(overrides)
-    return BlockEMConfig(**kwargs)
 
 
 def diag_entries(trainer) -> list[dict]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import HIDDEN, tiny_chat_dataset, tiny_chat_tokenizer, tiny_model
+from tiny_models import HIDDEN, tiny_chat_dataset, tiny_chat_tokenizer, tiny_model, trainer_args
 from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
 from hf_blockem import BlockEMConfig, BlockEMSFTConfig, BlockEMSFTTrainer, BlockEMTrainer, LatentSet
@@ -75,25 +75,9 @@ def pad_collator(features):
 
 
 def make_trainer(tmp_path, model, latent_set=None, train_dataset=None, **overrides):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        block_lambda=1.0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    defaults.update(overrides)
     return BlockEMTrainer(
         model=model,
-        args=BlockEMConfig(**defaults),
+        args=BlockEMConfig(**trainer_args(tmp_path, **overrides)),
         train_dataset=train_dataset if train_dataset is not None else token_dataset(),
         data_collator=pad_collator,
         latent_set=latent_set if latent_set is not None else tiny_latent_set(),

@@ -102,3 +102,24 @@ def tiny_chat_dataset(n: int = 16, seed: int = 0):
             }
         )
     return Dataset.from_list(rows)
+
+
+def trainer_args(tmp_path, **overrides) -> dict:
+    """`BlockEMConfig` keyword arguments for a quick, deterministic CPU run of a few steps (the tests' common set-up)."""
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        block_lambda=1.0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
