@@ -138,6 +138,7 @@ class ActivationCapture:
         if not self.layers:
             raise ValueError("ActivationCapture needs at least one layer index, received none.")
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._modules: dict[int, nn.Module] = {}
         self._captured: dict[int, torch.Tensor] | None = None
         self._stop_after: int | None = None
 
@@ -154,15 +155,23 @@ class ActivationCapture:
         try:
             for layer in self.layers:
                 self._handles.append(decoder_layers[layer].register_forward_hook(self._make_hook(layer)))
+                self._modules[layer] = decoder_layers[layer]
         except BaseException:
             self.detach()
             raise
         return self
 
+    def module(self, layer: int) -> nn.Module:
+        """The decoder layer a watched index is hooked on (resolved once, at `attach`)."""
+        if layer not in self._modules:
+            raise KeyError(f"Layer {layer} is not watched by this (attached) capture; watched: {self.layers}.")
+        return self._modules[layer]
+
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._modules.clear()
         self._captured = None
 
     def __enter__(self) -> ActivationCapture:

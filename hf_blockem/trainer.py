@@ -15,7 +15,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_base_activations
-from .hooks import ActivationCapture, get_decoder_layers, unwrap_model
+from .hooks import ActivationCapture, unwrap_model
 from .hub import LATENT_SET_SUBFOLDER, check_strict_latent_set
 from .latent_set import LATENT_SET_FILENAME, LatentSet
 from .penalty import block_penalty_sum, loss_token_mask
@@ -179,8 +179,8 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
                 result = super().compute_loss(
                     model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
                 )
+            self._check_gradient_path(model, capture, hidden)
         loss, outputs = result if return_outputs else (result, None)
-        self._check_gradient_path(model, hidden)
 
         penalty_sum = loss.new_zeros((), dtype=torch.float32)
         stats = []
@@ -195,14 +195,13 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
         self._record_blockem_metrics(stats, mask, lam)
         return (loss, outputs) if return_outputs else loss
 
-    def _check_gradient_path(self, model, hidden: dict[int, torch.Tensor]) -> None:
+    def _check_gradient_path(self, model, capture: ActivationCapture, hidden: dict[int, torch.Tensor]) -> None:
         # A hook inside a reentrant checkpoint sees a tensor computed under no-grad: the penalty would silently
         # train nothing. Only complain when the layer itself has trainable weights, so its output must have a grad.
         if not (model.training and torch.is_grad_enabled()):
             return
-        layers = get_decoder_layers(model)
         for layer, tensor in hidden.items():
-            if not tensor.requires_grad and any(p.requires_grad for p in layers[layer].parameters()):
+            if not tensor.requires_grad and any(p.requires_grad for p in capture.module(layer).parameters()):
                 raise RuntimeError(
                     f"The activation captured at decoder layer {layer} has no gradient path, so the BLOCK-EM "
                     "penalty would not train anything. This happens with reentrant gradient checkpointing when "
