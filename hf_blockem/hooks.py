@@ -231,14 +231,22 @@ def run_until_layer(capture: ActivationCapture, model: nn.Module, **inputs) -> d
 
 
 @contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Puts every submodule in eval mode (no dropout) and restores each one's own flag afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+def eval_mode(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[nn.Module]:
+    """Puts every submodule in eval mode (no dropout) and restores each one's own flag afterwards.
+
+    Args:
+        model (`torch.nn.Module`): the model.
+        modules (`list[torch.nn.Module]`, *optional*): `list(model.modules())`, when the caller keeps it, so that a
+            per-step use does not walk the module tree each time.
+    """
+    modules = list(model.modules()) if modules is None else modules
+    flags = [module.training for module in modules]
+    for module in modules:
+        module.training = False
     try:
         yield model
     finally:
-        for module, flag in flags:
+        for module, flag in zip(modules, flags, strict=True):
             module.training = flag
 
 

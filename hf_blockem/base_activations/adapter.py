@@ -7,6 +7,10 @@ the deepest blocked layer (the LM head never runs).
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -49,18 +53,62 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
                 "model loaded from `base_model_name_or_path`) for full fine-tuning."
             )
 
+        # Per-step work must not walk the module tree: what the base pass needs of the model is looked up once per
+        # model object (the Trainer may hand over a wrapped model after the first steps).
+        self._layout: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def _model_layout(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], bool]:
+        if model not in self._layout:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            modules = list(model.modules())
+            tuner_layers = [m for m in modules if isinstance(m, BaseTunerLayer)]
+            self._layout[model] = (modules, tuner_layers, is_sharded(model))
+        return self._layout[model]
+
     def hidden_states(
         self, model: nn.Module, capture: ActivationCapture, inputs: dict[str, torch.Tensor]
     ) -> dict[int, torch.Tensor]:
-        peft_model = peft_model_of(model)
-        with torch.no_grad(), peft_model.disable_adapter(), eval_mode(model):
-            if not is_sharded(model):
+        modules, tuner_layers, sharded = self._model_layout(model)
+        with torch.no_grad(), adapters_disabled(peft_model_of(model), tuner_layers), eval_mode(model, modules):
+            if not sharded:
                 return run_until_layer(capture, model, **inputs, use_cache=False)
             # FSDP and ZeRO-3 gather each module's parameters before its forward and release them after it: a forward
             # cut short by an exception leaves them gathered and the next backward reduces the wrong gradients.
             with capture.window() as captured:
                 model(**inputs, use_cache=False)
             return captured
+
+
+@contextlib.contextmanager
+def adapters_disabled(peft_model, tuner_layers: list[nn.Module]) -> Iterator[None]:
+    """`PeftModel.disable_adapter()` for LoRA-style tuners, without its per-call status walk over the whole model.
+
+    PEFT's context manager computes the model's adapter status (every module, with reprs) on each entry, which
+    cost ~10 ms per step on a tiny model here, more than the base pass itself. LoRA-style layers skip their adapters
+    while their `_disable_adapters` flag is set, which is all the base pass needs (it runs under no-grad, so the
+    trainable flags PEFT also toggles do not matter). Prompt-learning and adaption-prompt tuners, and layers without
+    that flag, go through PEFT's own context manager.
+    """
+    config = peft_model.peft_config[peft_model.active_adapter]
+    fast = (
+        tuner_layers
+        and not config.is_prompt_learning
+        and not config.is_adaption_prompt
+        and all(hasattr(layer, "_disable_adapters") for layer in tuner_layers)
+    )
+    if not fast:
+        with peft_model.disable_adapter():
+            yield
+        return
+    previous = [layer._disable_adapters for layer in tuner_layers]
+    for layer in tuner_layers:
+        layer._disable_adapters = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(tuner_layers, previous, strict=True):
+            layer._disable_adapters = flag
 
 
 def is_sharded(model: nn.Module) -> bool:
