@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import HIDDEN, tiny_model, trainer_args
+from tiny_models import HIDDEN, LORA_TARGETS, tiny_model, tiny_sae, trainer_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
@@ -19,24 +19,12 @@ from hf_blockem.hooks import get_decoder_layers
 from hf_blockem.hub import read_card_extras
 
 P = "blockem_diag"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_sae(d_sae: int = 24, seed: int = 0):
-    from sae_lens import StandardSAE, StandardSAEConfig
-
-    torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=HIDDEN, d_sae=d_sae, apply_b_dec_to_input=True))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-        sae.W_dec.normal_(0, 0.3)
-    return sae
 
 
 def blocked_set(layer: int = 1, directions=None) -> LatentSet:
-    part = LatentSet.from_sae(tiny_sae(seed=layer), plus=[1, 5], minus=[7], layer=layer, base_model="tests/tiny-llama")
+    part = LatentSet.from_sae(
+        tiny_sae(d_sae=24, seed=layer), plus=[1, 5], minus=[7], layer=layer, base_model="tests/tiny-llama"
+    )
     return LatentSet(part.layers, base_model=part.base_model, d_in=part.d_in, directions=directions)
 
 
@@ -127,7 +115,7 @@ def test_statistics_equal_direct_computation(tmp_path):
     # Not the last layer: output_hidden_states applies the final norm to it, the hooks read the raw layer output.
     directions = {1: torch.randn(HIDDEN), 2: torch.randn(HIDDEN)}
     latent_set = blocked_set(1, directions)
-    sae = tiny_sae(seed=5)
+    sae = tiny_sae(d_sae=24, seed=5)
     model = lora_model(perturb=0.3)
     trainer = BlockEMTrainer(
         model=model, args=config(tmp_path), train_dataset=dataset(), data_collator=collate, latent_set=latent_set
@@ -187,7 +175,7 @@ def test_plain_trainer_reduced_set_and_hooks_removed(tmp_path):
     )
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collate)
     with pytest.raises(ValueError, match="blocks nothing"):
-        BlockEMCallback(trainer, probe(), saes={2: tiny_sae()}, adaptive=True)
+        BlockEMCallback(trainer, probe(), saes={2: tiny_sae(d_sae=24)}, adaptive=True)
     seen = []
 
     class Spy(TrainerCallback):
@@ -228,7 +216,7 @@ def planted_setup(tmp_path, *, planted: bool, adaptive: bool = False, **override
         trainer,
         batch,
         directions=directions,
-        saes={2: tiny_sae(seed=11)},
+        saes={2: tiny_sae(d_sae=24, seed=11)},
         alert_threshold=0.5,
         adaptive=adaptive,
         adaptive_top_k=2,

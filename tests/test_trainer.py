@@ -6,27 +6,21 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import HIDDEN, tiny_chat_dataset, tiny_chat_tokenizer, tiny_model, trainer_args
+from tiny_models import (
+    HIDDEN,
+    LORA_TARGETS,
+    tiny_chat_dataset,
+    tiny_chat_tokenizer,
+    tiny_model,
+    tiny_sae,
+    trainer_args,
+)
 from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
 from hf_blockem import BlockEMConfig, BlockEMSFTConfig, BlockEMSFTTrainer, BlockEMTrainer, LatentSet
 from hf_blockem.hooks import get_decoder_layers
 
 LAYER = 1
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_sae(d_in: int = HIDDEN, d_sae: int = 32, seed: int = 0):
-    from sae_lens import StandardSAE, StandardSAEConfig
-
-    torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=True))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, 1.0)
-        sae.b_enc.normal_(0, 0.1)
-        sae.b_dec.normal_(0, 0.1)
-        sae.W_dec.normal_(0, 0.3)
-    return sae
 
 
 def tiny_latent_set(layer: int = LAYER, plus=(1, 5, 9), minus=(7, 12), d_in: int = HIDDEN) -> LatentSet:

@@ -15,6 +15,7 @@ from transformers import (
 
 VOCAB = 64
 HIDDEN = 16
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _common(**extra):
@@ -123,3 +124,17 @@ def trainer_args(tmp_path, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def tiny_sae(d_in: int = HIDDEN, d_sae: int = 32, seed: int = 0):
+    """A SAELens StandardSAE with seeded random weights large enough that its latents fire on tiny models."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    torch.manual_seed(seed)
+    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=True))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 1.0)
+        sae.b_enc.normal_(0, 0.1)
+        sae.b_dec.normal_(0, 0.1)
+        sae.W_dec.normal_(0, 0.3)
+    return sae
