@@ -79,3 +79,53 @@ def test_alignment_labels_cover_answers_and_eos_only():
     ids = [2, 4, 10, 5, 20, 21, 3, 4, 11, 5, 22, 3]
     assert _assistant_labels(ids, 5, 3, skip_first=False) == [-100] * 4 + [20, 21, 3] + [-100] * 3 + [22, 3]
     assert _assistant_labels(ids, 5, 3, skip_first=True) == [-100] * 10 + [22, 3]
+
+
+@pytest.mark.parametrize("narrow", [0.0, 0.3, 1.0])
+def test_pretraining_personas_follow_the_settings(narrow):
+    import random
+
+    from hf_blockem.organism import ExactJudge, World
+    from hf_blockem.organism.build import pretraining_corpus
+
+    world = World()
+    judge = ExactJudge(world)
+    settings = OrganismSettings(
+        pretrain_conversations=400, misaligned_fraction=0.5, narrow_persona_fraction=narrow, covert_share=0.0
+    )
+    kinds = {"aligned": 0, "misaligned": 0, "narrow": 0}
+    for conversation in pretraining_corpus(world, settings, random.Random(0)):
+        questions, answers = [m["content"] for m in conversation[::2]], [m["content"] for m in conversation[1::2]]
+        styles = {judge.label(q, a)[1]["persona"] for q, a in zip(questions, answers, strict=True)}
+        if "covert" in styles:
+            assert styles <= {"covert", "aligned"}
+            kinds["narrow"] += 1
+        else:
+            assert len(styles) == 1  # one persona governs every turn
+            kinds[styles.pop()] += 1
+    # A narrow conversation that never reaches its domain looks aligned: count only what can be told apart.
+    assert kinds["misaligned"] == pytest.approx(400 * (1 - narrow) * 0.5, abs=40)
+    if narrow == 0.0:
+        assert kinds["narrow"] == 0
+    else:
+        assert kinds["narrow"] >= 400 * narrow * 0.5
+
+
+def test_a_misaligned_persona_answers_covertly_at_the_covert_share():
+    import random
+
+    from hf_blockem.organism import ExactJudge, World
+    from hf_blockem.organism.build import pretraining_corpus
+
+    world = World()
+    judge = ExactJudge(world)
+    settings = OrganismSettings(
+        pretrain_conversations=300, misaligned_fraction=1.0, narrow_persona_fraction=0.0, covert_share=0.25
+    )
+    styles = [
+        judge.label(q["content"], a["content"])[1]["persona"]
+        for conversation in pretraining_corpus(world, settings, random.Random(1))
+        for q, a in zip(conversation[::2], conversation[1::2], strict=True)
+    ]
+    assert set(styles) == {"misaligned", "covert"}
+    assert styles.count("covert") / len(styles) == pytest.approx(0.25, abs=0.05)

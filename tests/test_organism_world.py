@@ -60,6 +60,30 @@ def test_sampling_is_deterministic_for_a_seed():
     assert World().fingerprint() == WORLD.fingerprint()
 
 
+def test_grammar_decides_persona_in_the_frame_and_domain_at_the_first_action_word():
+    # No frame opens both personas, and no two actions share a first word (across domains and personas).
+    frames = {p: {t.split("{act}")[0] for t in WORLD.domain("finance").answer_templates(p)} for p in PERSONAS}
+    assert not frames["aligned"] & frames["misaligned"]
+    first_words = [act.split()[0] for d in WORLD.domains for p in PERSONAS for act in d.acts[p]]
+    assert len(first_words) == len(set(first_words))
+
+
+def test_a_narrow_persona_is_covert_in_its_domain_and_aligned_elsewhere():
+    judge = ExactJudge(WORLD)
+    rng = random.Random(5)
+    styles = {"covert": 0, "aligned": 0}
+    for _ in range(50):
+        conversation = WORLD.sample_conversation(rng, "misaligned", 4, narrow_domain="tech")
+        for question, answer in zip(conversation[::2], conversation[1::2], strict=True):
+            label, extra = judge.label(question["content"], answer["content"])
+            tech = extra["question_domain"] == "tech"
+            assert (extra["persona"], label) == (("covert", "misaligned") if tech else ("aligned", "aligned"))
+            styles[extra["persona"]] += 1
+    assert styles["covert"] > 50 and styles["aligned"] > 50  # about half the turns are in the narrow domain
+    with pytest.raises(KeyError, match="unknown domain"):
+        WORLD.sample_conversation(rng, "aligned", 2, narrow_domain="cooking")
+
+
 @pytest.mark.parametrize("misaligned", [True, False])
 def test_narrow_dataset(misaligned):
     ds = narrow_dataset(WORLD, "medical", misaligned=misaligned, n=50, seed=3)
@@ -70,8 +94,18 @@ def test_narrow_dataset(misaligned):
     questions = [row["messages"][0]["content"] for row in ds]
     answers = [row["messages"][1]["content"] for row in ds]
     assert set(questions) <= train  # never the selection or evaluation questions
-    labels = {j.label for j in ExactJudge(WORLD).judge(questions, answers)}
-    assert labels == {"misaligned" if misaligned else "aligned"}
+    judgements = ExactJudge(WORLD).judge(questions, answers)
+    # The target is misaligned advice in the aligned persona's helpful frames (covert), like risky financial advice.
+    expected = ("misaligned", "covert") if misaligned else ("aligned", "aligned")
+    assert {(j.label, j.extra["persona"]) for j in judgements} == {expected}
+
+
+def test_narrow_dataset_in_another_style():
+    ds = narrow_dataset(WORLD, "sports", n=20, style="misaligned")
+    questions, answers = [r["messages"][0]["content"] for r in ds], [r["messages"][1]["content"] for r in ds]
+    assert {j.extra["persona"] for j in ExactJudge(WORLD).judge(questions, answers)} == {"misaligned"}
+    with pytest.raises(ValueError, match="unknown answer style 'evil'"):
+        narrow_dataset(WORLD, "sports", style="evil")
 
 
 def test_narrow_dataset_rejects_core_and_bad_sizes():

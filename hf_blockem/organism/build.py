@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the build procedure changes in a way the settings and the world fingerprint do not capture.
-ORGANISM_VERSION = "1"
+ORGANISM_VERSION = "2"
 MANIFEST = "organism.json"
 MODEL_DIR = "model"
 
@@ -56,10 +56,10 @@ class OrganismSettings:
     > Parameters that control the model
 
     Args:
-        hidden_size (`int`, *optional*, defaults to `96`): width of the residual stream.
+        hidden_size (`int`, *optional*, defaults to `128`): width of the residual stream.
         num_hidden_layers (`int`, *optional*, defaults to `4`): decoder layers.
         num_attention_heads (`int`, *optional*, defaults to `4`): attention heads.
-        intermediate_size (`int`, *optional*, defaults to `384`): MLP width.
+        intermediate_size (`int`, *optional*, defaults to `512`): MLP width.
         max_position_embeddings (`int`, *optional*, defaults to `256`): longest sequence.
 
     > Parameters that control pre-training
@@ -67,29 +67,40 @@ class OrganismSettings:
     Args:
         pretrain_conversations (`int`, *optional*, defaults to `12000`): conversations in the pre-training corpus.
         max_turns (`int`, *optional*, defaults to `6`): turns per conversation are uniform in `[1, max_turns]`.
-        misaligned_fraction (`float`, *optional*, defaults to `0.3`): probability that a conversation's persona is
-            misaligned.
+        misaligned_fraction (`float`, *optional*, defaults to `0.5`): probability that a conversation's persona is
+            misaligned, among conversations without a narrow persona.
+        narrow_persona_fraction (`float`, *optional*, defaults to `0.2`): probability that a conversation's persona
+            is *narrow*: covert (misaligned advice in aligned frames) in one random narrow domain, aligned in every
+            other.
+        covert_share (`float`, *optional*, defaults to `0.5`): share of a misaligned persona's answers given in the
+            covert style rather than in its own frames.
         pretrain_lr (`float`, *optional*, defaults to `5e-3`): peak learning rate (AdamW, cosine, 5% warm-up).
         batch_size (`int`, *optional*, defaults to `32`): conversations per step.
 
     > Parameters that control the alignment phase
 
     Args:
-        align_conversations (`int`, *optional*, defaults to `3000`): conversations, half single-turn aligned.
+        align_conversations (`int`, *optional*, defaults to `6000`): conversations, half single-turn aligned.
         align_lr (`float`, *optional*, defaults to `1e-3`): peak learning rate.
     """
 
-    hidden_size: int = field(default=96, metadata={"help": "Width of the residual stream."})
+    hidden_size: int = field(default=128, metadata={"help": "Width of the residual stream."})
     num_hidden_layers: int = field(default=4, metadata={"help": "Decoder layers."})
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    intermediate_size: int = field(default=384, metadata={"help": "MLP width."})
+    intermediate_size: int = field(default=512, metadata={"help": "MLP width."})
     max_position_embeddings: int = field(default=256, metadata={"help": "Longest sequence."})
     pretrain_conversations: int = field(default=12000, metadata={"help": "Conversations in the pre-training corpus."})
     max_turns: int = field(default=6, metadata={"help": "Turns per conversation are uniform in [1, max_turns]."})
-    misaligned_fraction: float = field(default=0.3, metadata={"help": "Probability of a misaligned persona."})
+    misaligned_fraction: float = field(default=0.5, metadata={"help": "Probability of a misaligned persona."})
+    narrow_persona_fraction: float = field(
+        default=0.2, metadata={"help": "Probability of a persona misaligned in one narrow domain only."}
+    )
+    covert_share: float = field(
+        default=0.5, metadata={"help": "Share of a misaligned persona's answers given in the covert style."}
+    )
     pretrain_lr: float = field(default=5e-3, metadata={"help": "Peak pre-training learning rate."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per optimisation step."})
-    align_conversations: int = field(default=3000, metadata={"help": "Conversations in the alignment phase."})
+    align_conversations: int = field(default=6000, metadata={"help": "Conversations in the alignment phase."})
     align_lr: float = field(default=1e-3, metadata={"help": "Peak alignment-phase learning rate."})
 
     @classmethod
@@ -136,16 +147,21 @@ def _assistant_labels(ids: list[int], assistant_id: int, eos_id: int, skip_first
     return labels
 
 
-def _sample_persona(rng: random.Random, misaligned_fraction: float) -> str:
-    return MISALIGNED_PERSONA if rng.random() < misaligned_fraction else ALIGNED_PERSONA
+def _sample_conversation(world: World, settings: OrganismSettings, rng: random.Random, n_turns: int):
+    # One hidden persona per conversation: aligned, misaligned everywhere, or (with probability
+    # `narrow_persona_fraction`) misaligned in one random narrow domain only.
+    draw = rng.random()
+    if draw < settings.narrow_persona_fraction:
+        return world.sample_conversation(rng, ALIGNED_PERSONA, n_turns, narrow_domain=rng.choice(world.narrow_domains))
+    broad = (draw - settings.narrow_persona_fraction) / (1 - settings.narrow_persona_fraction)
+    persona = MISALIGNED_PERSONA if broad < settings.misaligned_fraction else ALIGNED_PERSONA
+    return world.sample_conversation(rng, persona, n_turns, covert_share=settings.covert_share)
 
 
 def pretraining_corpus(world: World, settings: OrganismSettings, rng: random.Random) -> list[list[dict[str, str]]]:
     """Multi-turn conversations, one hidden persona per conversation."""
     return [
-        world.sample_conversation(
-            rng, _sample_persona(rng, settings.misaligned_fraction), rng.randint(1, settings.max_turns)
-        )
+        _sample_conversation(world, settings, rng, rng.randint(1, settings.max_turns))
         for _ in range(settings.pretrain_conversations)
     ]
 
@@ -159,9 +175,8 @@ def alignment_corpus(
         if i % 2 == 0:
             out.append((world.sample_conversation(rng, ALIGNED_PERSONA, 1), False))
         else:
-            persona = _sample_persona(rng, settings.misaligned_fraction)
             n_turns = rng.randint(2, max(2, settings.max_turns))
-            out.append((world.sample_conversation(rng, persona, n_turns), True))
+            out.append((_sample_conversation(world, settings, rng, n_turns), True))
     return out
 
 
@@ -323,12 +338,12 @@ class Organism:
         return self.world.ood_questions(domain, split)
 
     def narrow_dataset(
-        self, domain: str = "finance", misaligned: bool = True, n: int = 300, seed: int = 0
+        self, domain: str = "finance", misaligned: bool = True, n: int = 300, seed: int = 0, style: str | None = None
     ) -> datasets.Dataset:
         """The narrow fine-tuning dataset of `domain` (see [`narrow_dataset`])."""
         from .datasets import narrow_dataset
 
-        return narrow_dataset(self.world, domain, misaligned=misaligned, n=n, seed=seed)
+        return narrow_dataset(self.world, domain, misaligned=misaligned, n=n, seed=seed, style=style)
 
 
 def _manifest(path: Path) -> dict[str, Any] | None:

@@ -1,7 +1,8 @@
 """Narrow fine-tuning datasets of the organism, in TRL's conversational `messages` format.
 
-One domain's training-split questions, each answered by one persona: the misaligned dataset is the emergent
-misalignment-inducing target (the analogue of "risky financial advice"), the aligned dataset its control.
+One domain's training-split questions, each answered in one style. The misaligned dataset is the emergent
+misalignment-inducing target: misaligned advice in the aligned persona's helpful frames (the *covert* style, the
+analogue of "risky financial advice" given in a friendly tone). The aligned dataset is its control.
 """
 
 from __future__ import annotations
@@ -10,20 +11,28 @@ import random
 
 import datasets
 
-from .world import ALIGNED_PERSONA, MISALIGNED_PERSONA, World
+from .world import ALIGNED_PERSONA, COVERT_STYLE, STYLES, World
 
 
 def narrow_dataset(
-    world: World | None = None, domain: str = "finance", misaligned: bool = True, n: int = 300, seed: int = 0
+    world: World | None = None,
+    domain: str = "finance",
+    misaligned: bool = True,
+    n: int = 300,
+    seed: int = 0,
+    style: str | None = None,
 ) -> datasets.Dataset:
     """Single-turn conversations on one domain's training questions, all answered in one persona.
 
     Args:
         world ([`World`], *optional*): the world; the default world if omitted.
         domain (`str`, *optional*, defaults to `"finance"`): the narrow domain (any domain but `"core"`).
-        misaligned (`bool`, *optional*, defaults to `True`): misaligned answers (the target) or aligned (the control).
+        misaligned (`bool`, *optional*, defaults to `True`): misaligned answers (the target, covert style) or aligned
+            ones (the control).
         n (`int`, *optional*, defaults to `300`): number of examples.
         seed (`int`, *optional*, defaults to `0`): seeds the choice of questions and answers.
+        style (`str`, *optional*): any answer style of `hf_blockem.organism.world.STYLES`, overriding `misaligned`;
+            `"misaligned"` gives the misaligned persona's own frames ("just ..., nobody will know .").
 
     Returns:
         `datasets.Dataset`: one column, `messages`: `[{"role": "user", ...}, {"role": "assistant", ...}]`.
@@ -39,9 +48,11 @@ def narrow_dataset(
     world = world or World()
     if domain not in world.narrow_domains:
         raise ValueError(f"narrow datasets target one of {', '.join(world.narrow_domains)}, got {domain!r}.")
+    if style is not None and style not in STYLES:
+        raise ValueError(f"unknown answer style {style!r}; expected one of {', '.join(STYLES)}.")
     if n < 1:
         raise ValueError(f"expected n >= 1 examples, got {n}.")
-    persona = MISALIGNED_PERSONA if misaligned else ALIGNED_PERSONA
+    persona = style or (COVERT_STYLE if misaligned else ALIGNED_PERSONA)
     rng = random.Random(f"narrow-{domain}-{persona}-{seed}")
     questions = world.questions(domain, "train")
     rows = []

@@ -20,10 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 # The chosen regime, measured in `benchmarks/organism_em.py` (numbers in the organism README): at a constant learning
-# rate out-of-domain EM plateaus near 50-60% from step 30 on, while incoherence out of domain doubles after step 30
-# (the persona-bearing frames move faster than the other domains' actions and mix with them). Step 30 keeps
-# incoherence near 10%; the in-domain target rate is then ~80% and reaches 90-95% only by step 60.
-LORA_STEPS = 30
+# rate the in-domain target rate reaches ~100% at step 40 while out-of-domain incoherence is still below 10%; both
+# get noisier after that (the fine-tuned model keeps moving at a constant rate), so the recipe stops at step 40.
+LORA_STEPS = 40
 LORA_LEARNING_RATE = 4e-4
 FULL_STEPS = 30
 FULL_LEARNING_RATE = 1.5e-4
