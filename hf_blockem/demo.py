@@ -238,13 +238,15 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     )
     lap("blocked fine-tune")
 
-    # The control mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire.
+    # The control mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire about as
+    # often on the training data as the selected latent each one stands for.
     controls = []
     for run in chosen:
         sae, layer = saes[run.name]
         firing = _firing_rate(organism, sae, layer, dataset)
+        selected = run.plus + run.minus
         plus, minus = random_control(
-            len(run.plus), len(run.minus), firing, exclude=run.plus + run.minus, seed=args.seed
+            len(run.plus), len(run.minus), firing, exclude=selected, seed=args.seed, match=selected
         )
         controls.append(LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path))
     control_set = controls[0] if len(controls) == 1 else LatentSet.concatenate(controls)

@@ -49,7 +49,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "Change of out-of-domain EM relative to narrow FT: "
         + ", ".join(f"{k.replace('_', ' ')} {-v:+.0%}" if v is not None else f"{k} –" for k, v in reductions.items()),
         "",
-        f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents that fire): {control}.",
+        f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents matched on firing rate): {control}.",
         "",
         "![rates](rates.png)",
         "",

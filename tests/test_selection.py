@@ -188,6 +188,25 @@ def test_random_controls_are_reproducible_disjoint_and_firing():
         random_control(5, 4, firing, exclude=[1, 8])
 
 
+def test_matched_random_controls_fire_as_often_as_the_selected_latents():
+    # Rates spread over three decades; the selected latents are one dense (0.9) and two sparse ones (0.002, 0.003).
+    firing = torch.tensor([0.9, 0.002, 0.003] + [10 ** (-3 + 3 * i / 39) for i in range(40)])
+    selected = [0, 1, 2]
+    plus, minus = random_control(2, 1, firing, exclude=selected, seed=0, min_firing_rate=0.0, match=selected)
+    assert (plus, minus) == random_control(2, 1, firing, exclude=selected, seed=0, min_firing_rate=0.0, match=selected)
+    assert not set(plus + minus) & set(selected)
+    # The dense selected latent (K+) gets a dense stand-in; the two sparse ones get sparse stand-ins.
+    assert sorted(float(firing[k]) > 0.3 for k in plus) == [False, True]
+    assert float(firing[minus[0]]) < 0.01
+    draws = {
+        str(random_control(2, 1, firing, exclude=selected, seed=s, min_firing_rate=0.0, match=selected))
+        for s in range(20)
+    }
+    assert len(draws) > 1  # still a random draw
+    with pytest.raises(ValueError, match="must list the 3 selected latents"):
+        random_control(2, 1, firing, exclude=selected, match=[0, 1])
+
+
 def test_select_cli_on_the_quick_organism(tmp_path):
     from hf_blockem.cli import main
     from hf_blockem.organism import build_organism, narrow_finetune

@@ -2,12 +2,15 @@
 
 A latent that never fires on the training data gives a zero penalty whatever happens, so a control drawn uniformly
 from the whole dictionary would be no control at all: draws come from latents whose firing rate on the training
-tokens reaches `min_firing_rate`.
+tokens reaches `min_firing_rate`. With `match`, each control latent is also drawn among the latents that fire about as
+often as the selected latent it stands for: a dense latent (one that fires on most tokens) constrains the residual
+stream far more than a sparse one under a one-sided penalty, so an unmatched draw that happens to pick dense latents
+measures density, not the choice of latents.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -25,6 +28,8 @@ def random_control(
     exclude: Iterable[int] = (),
     seed: int = 0,
     min_firing_rate: float = 0.01,
+    match: Sequence[int] | None = None,
+    neighbours: int = 5,
 ) -> tuple[list[int], list[int]]:
     """A random (K+, K−) of the given sizes from firing latents not in `exclude`, the same for the same seed.
 
@@ -34,6 +39,10 @@ def random_control(
         exclude (iterable of `int`): latents that may not be drawn (the selected set).
         seed (`int`): the draw's seed.
         min_firing_rate (`float`): the least firing rate of an eligible latent.
+        match (sequence of `int`, *optional*): the selected latents, K+ first then K− (`n_plus + n_minus` ids). Each
+            control latent is then drawn uniformly from the `neighbours` eligible latents whose firing rate is
+            closest (in log scale) to that of the selected latent in the same position.
+        neighbours (`int`, *optional*, defaults to `5`): how many nearest latents a matched draw chooses from.
     """
     excluded = set(exclude)
     pool = [k for k in firing_latents(firing_rate, min_firing_rate) if k not in excluded]
@@ -44,5 +53,16 @@ def random_control(
             f"tokens and are not selected; only {len(pool)} do. Lower `min_firing_rate` or use a wider SAE."
         )
     generator = torch.Generator().manual_seed(seed)
-    drawn = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:needed].tolist()]
+    if match is None:
+        drawn = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:needed].tolist()]
+        return sorted(drawn[:n_plus]), sorted(drawn[n_plus:])
+    if len(match) != needed:
+        raise ValueError(f"`match` must list the {needed} selected latents (K+ then K−), got {len(match)} ids.")
+    log_rate = torch.log(firing_rate.double().clamp_min(1e-6))
+    drawn = []
+    for target in match:
+        left = [k for k in pool if k not in drawn]
+        distance = (log_rate[left] - log_rate[target]).abs()
+        nearest = [left[i] for i in torch.argsort(distance, stable=True)[:neighbours].tolist()]
+        drawn.append(nearest[int(torch.randint(len(nearest), (1,), generator=generator))])
     return sorted(drawn[:n_plus]), sorted(drawn[n_plus:])
