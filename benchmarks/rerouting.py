@@ -12,6 +12,7 @@
    - `unblocked`: plain TRL `SFTTrainer`;
    - `L2`, `L1`, ...: block the Stage-1 set of that layer (`BlockEMCallback` watching every layer);
    - `L2L3`, ...: block the sets of several layers at once (multi-layer blocking);
+   - `L2L3x10`: the same with the 10 largest |Δ_k| per layer instead of `--n_select`;
    - `L2+ada9`: the same plus adaptive re-blocking from the SAEs of every `--sae_layers` layer, at most 9 latents
      added in all (`--adaptive_top_k` per layer and alert).
 
@@ -48,7 +49,7 @@ from hf_blockem.selection import activation_shifts, candidate_pool
 
 logger = logging.getLogger("rerouting")
 P = "blockem_diag"
-RUN_SPEC = re.compile(r"^((?:L\d+)+)(?:\+ada(\d+))?$")
+RUN_SPEC = re.compile(r"^((?:L\d+)+)(?:x(\d+))?(?:\+ada(\d+))?$")
 
 
 @dataclass
@@ -78,14 +79,16 @@ class Args:
     threads: int = field(default=1, metadata={"help": "torch threads (one is fastest on a shared CPU)."})
 
 
-def parse_run(name: str) -> tuple[list[int], int]:
-    """`"L2L3+ada9"` → `([2, 3], 9)`; `"unblocked"` → `([], 0)`."""
+def parse_run(name: str, n_select: int) -> tuple[list[int], int, int]:
+    """`(layers, latents per layer, adaptive budget)`: `"L2L3x10+ada9"` → `([2, 3], 10, 9)`; `"L2"` → `([2], n_select,
+    0)`; `"unblocked"` → `([], 0, 0)`."""
     if name == "unblocked":
-        return [], 0
+        return [], 0, 0
     match = RUN_SPEC.match(name)
     if match is None:
-        raise ValueError(f"Run {name!r} is not 'unblocked' or L<layer>...[+ada<N>].")
-    return [int(x) for x in re.findall(r"\d+", match.group(1))], int(match.group(2) or 0)
+        raise ValueError(f"Run {name!r} is not 'unblocked' or L<layer>...[x<latents per layer>][+ada<N>].")
+    layers = [int(x) for x in re.findall(r"\d+", match.group(1))]
+    return layers, int(match.group(2) or n_select), int(match.group(3) or 0)
 
 
 def em_rates(organism, model, prompts, n_samples, seed, max_new_tokens=48) -> dict[str, float]:
@@ -301,10 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("httpx", "sae_lens", "hf_blockem.diagnostics.callback"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    specs = {run: parse_run(run) for run in args.runs}
+    specs = {run: parse_run(run, args.n_select) for run in args.runs}
+    n_ranked = max([args.n_select] + [n for _, n, _ in specs.values()])
     if "unblocked" not in specs or args.single not in specs:
         raise ValueError(f"--runs must contain 'unblocked' and the reference run {args.single!r}.")
-    for layers, _ in specs.values():
+    for layers, _, _ in specs.values():
         missing = sorted(set(layers) - set(args.sae_layers))
         if missing:
             raise ValueError(f"Blocked layers {missing} need SAEs: add them to --sae_layers.")
@@ -337,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = type(organism.settings)(**{**asdict(organism.settings), "pretrain_conversations": 1500})
     conversations = pretraining_corpus(organism.world, settings, rng)
     base = organism.load_model()
-    saes, sets, shifts = {}, {}, {}
+    saes, ranked, deltas, shifts = {}, {}, {}, {}
     for layer in args.sae_layers:
         acts = collect_activations(base, organism.tokenizer, conversations, layer, assistant_only=True)
         saes[layer] = train_sae(
@@ -346,18 +350,26 @@ def main(argv: list[str] | None = None) -> int:
         result = activation_shifts(narrow, narrow, organism.tokenizer, saes[layer], layer, questions, answers,
                                    progress=False)  # fmt: skip
         delta = result["delta"]
-        plus, minus = candidate_pool(delta, args.n_select, args.n_select)
-        ranked = sorted(plus + minus, key=lambda k: -abs(float(delta[k])))[: args.n_select]
-        chosen_plus, chosen_minus = [k for k in ranked if k in plus], [k for k in ranked if k in minus]
-        sets[layer] = LatentSet.from_sae(
-            saes[layer], plus=chosen_plus, minus=chosen_minus, base_model=organism.base_model_path,
-            statistics={"delta": delta[chosen_plus + chosen_minus]},
-        )  # fmt: skip
-        shifts[layer] = {"plus": chosen_plus, "minus": chosen_minus, "delta": [float(delta[k]) for k in ranked]}
+        plus, minus = candidate_pool(delta, n_ranked, n_ranked)
+        ranked[layer] = sorted(plus + minus, key=lambda k: -abs(float(delta[k])))[:n_ranked]
+        deltas[layer] = delta
+        top = ranked[layer][: args.n_select]
+        shifts[layer] = {"plus": [k for k in top if delta[k] > 0], "minus": [k for k in top if delta[k] <= 0],
+                         "ranked": ranked[layer], "delta": [float(delta[k]) for k in ranked[layer]]}  # fmt: skip
     timings["saes_and_selection"] = time.perf_counter() - start - sum(timings.values())
 
-    def blocked_set(layers: list[int]) -> LatentSet:
-        merged = LatentSet.concatenate([sets[layer] for layer in layers]) if len(layers) > 1 else sets[layers[0]]
+    def layer_set(layer: int, n: int) -> LatentSet:
+        # The n largest |Δ_k| of the layer, split by sign.
+        top = ranked[layer][:n]
+        plus, minus = [k for k in top if deltas[layer][k] > 0], [k for k in top if deltas[layer][k] <= 0]
+        return LatentSet.from_sae(
+            saes[layer], plus=plus, minus=minus, base_model=organism.base_model_path,
+            statistics={"delta": deltas[layer][plus + minus]},
+        )  # fmt: skip
+
+    def blocked_set(layers: list[int], n: int) -> LatentSet:
+        sets = [layer_set(layer, n) for layer in layers]
+        merged = LatentSet.concatenate(sets) if len(sets) > 1 else sets[0]
         return LatentSet(merged.layers, base_model=merged.base_model, d_in=merged.d_in, directions=directions,
                          metadata=merged.metadata)  # fmt: skip
 
@@ -373,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     results["narrow_30"] = em_rates(
         organism, narrow, eval_prompts, args.n_samples, seed=0, max_new_tokens=args.max_new_tokens
     )
-    for run, (layers, adaptive_max) in specs.items():
+    for run, (layers, n_per_layer, adaptive_max) in specs.items():
         t0 = time.perf_counter()
         curve = EMCurve(organism, eval_prompts, args.eval_every, args.n_samples, args.max_new_tokens)
         overrides = {"max_steps": args.steps, "disable_tqdm": True, "logging_steps": args.eval_every}
@@ -385,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             trainer_cls, config_cls = BlockEMSFTTrainer, BlockEMSFTConfig
             overrides.update(block_lambda=args.block_lambda, base_activations="adapter")
-            trainer_kwargs["latent_set"] = blocked_set(layers)
+            trainer_kwargs["latent_set"] = blocked_set(layers, n_per_layer)
         config = config_cls(output_dir=str(out / run), **narrow_sft_kwargs(seed=args.seed, **overrides))
         trainer = trainer_cls(
             model=organism.base_model_path, args=config, train_dataset=dataset, processing_class=organism.tokenizer,
@@ -400,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             trainer.add_callback(diag)
         trainer.train()
-        entry = {"blocked_layers": layers, "adaptive_max": adaptive_max, "curve": curve.curve}
+        entry = {"blocked_layers": layers, "latents_per_layer": n_per_layer, "adaptive_max": adaptive_max,
+                 "curve": curve.curve}  # fmt: skip
         if diag is not None:
             entry["diagnostics"] = diag.records.history
             entry["alerts"] = diag.records.alerts
