@@ -1,6 +1,6 @@
 """Rerouting under prolonged fine-tuning with blocking, on the model organism: diagnostics, adaptive and multi-layer.
 
-1. Load the organism; narrow-fine-tune it (the LoRA recipe, 30 steps) to get the emergently misaligned model.
+1. Load the organism; narrow-fine-tune it (the LoRA recipe, 40 steps) to get the emergently misaligned model.
 2. Misalignment directions at every layer: mean(h_narrow − h_base) on out-of-domain *selection* questions answered in
    the misaligned persona (teacher-forced); they become the directions stored with the latent set.
 3. ReLU SAEs (SAELens, width `--d_sae`) at `--sae_layers`; Stage-1 selection only: the `--n_select` largest |Δ_k| at

@@ -40,6 +40,9 @@ class DemoArguments:
     block_lambda: float = field(default=100.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "Fine-tuning steps of every run (default: the organism's recipe)."}
+    )
     n_select: int = field(default=5, metadata={"help": "Latents to block (per layer with --choose all)."})
     choose: str = field(
         default="best",
@@ -72,7 +75,7 @@ def _quick(args: DemoArguments) -> dict[str, Any]:
         }
     return {
         "n_train": args.n_train,
-        "max_steps": None,
+        "max_steps": args.max_steps,
         "sae_conversations": 1500,
         "sae_steps": 800,
         "sae_l1": args.sae_l1,

@@ -20,11 +20,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 # The chosen regime, measured in `benchmarks/organism_em.py` (numbers in the organism README): at a constant learning
-# rate the in-domain target rate reaches ~100% at step 40 while out-of-domain incoherence is still below 10%; both
-# get noisier after that (the fine-tuned model keeps moving at a constant rate), so the recipe stops at step 40.
+# rate, out-of-domain EM rises from step ~15 and plateaus near 55-60% from step 40 on, the in-domain target rate is
+# 88-98% from step 30 on, and incoherence stays under 10%. The recipe stops at step 40, where the plateau starts.
 LORA_STEPS = 40
 LORA_LEARNING_RATE = 4e-4
-FULL_STEPS = 30
+FULL_STEPS = 40
 FULL_LEARNING_RATE = 1.5e-4
 
 
