@@ -13,6 +13,8 @@
    - `L2`, `L1`, ...: block the Stage-1 set of that layer (`BlockEMCallback` watching every layer);
    - `L2L3`, ...: block the sets of several layers at once (multi-layer blocking);
    - `L2L3x10`: the same with the 10 largest |Δ_k| per layer instead of `--n_select`;
+   - `rL2L3`: the random control of `L2L3`: per layer, a set of the same sizes and signs drawn from latents matched on
+     firing rate on the training data (`hf_blockem.selection.random_control`);
    - `L2+ada9`: the same plus adaptive re-blocking from the SAEs of every `--sae_layers` layer, at most 9 latents
      added in all (`--adaptive_top_k` per layer and alert).
 
@@ -45,11 +47,11 @@ from hf_blockem.evaluation.generation import generate_responses
 from hf_blockem.evaluation.judge_base import INCOHERENT, MISALIGNED
 from hf_blockem.organism import build_organism, load_organism, narrow_finetune, narrow_lora_config, narrow_sft_kwargs
 from hf_blockem.organism.world import MISALIGNED_PERSONA
-from hf_blockem.selection import activation_shifts, candidate_pool
+from hf_blockem.selection import activation_shifts, candidate_pool, random_control
 
 logger = logging.getLogger("rerouting")
 P = "blockem_diag"
-RUN_SPEC = re.compile(r"^((?:L\d+)+)(?:x(\d+))?(?:\+ada(\d+))?$")
+RUN_SPEC = re.compile(r"^(r?)((?:L\d+)+)(?:x(\d+))?(?:\+ada(\d+))?$")
 
 
 @dataclass
@@ -79,16 +81,16 @@ class Args:
     threads: int = field(default=1, metadata={"help": "torch threads (one is fastest on a shared CPU)."})
 
 
-def parse_run(name: str, n_select: int) -> tuple[list[int], int, int]:
-    """`(layers, latents per layer, adaptive budget)`: `"L2L3x10+ada9"` → `([2, 3], 10, 9)`; `"L2"` → `([2], n_select,
-    0)`; `"unblocked"` → `([], 0, 0)`."""
+def parse_run(name: str, n_select: int) -> tuple[list[int], int, int, bool]:
+    """`(layers, latents per layer, adaptive budget, random control)`: `"L2L3x10+ada9"` → `([2, 3], 10, 9, False)`;
+    `"rL2L3"` → `([2, 3], n_select, 0, True)`; `"unblocked"` → `([], 0, 0, False)`."""
     if name == "unblocked":
-        return [], 0, 0
+        return [], 0, 0, False
     match = RUN_SPEC.match(name)
     if match is None:
-        raise ValueError(f"Run {name!r} is not 'unblocked' or L<layer>...[x<latents per layer>][+ada<N>].")
-    layers = [int(x) for x in re.findall(r"\d+", match.group(1))]
-    return layers, int(match.group(2) or n_select), int(match.group(3) or 0)
+        raise ValueError(f"Run {name!r} is not 'unblocked' or [r]L<layer>...[x<latents per layer>][+ada<N>].")
+    layers = [int(x) for x in re.findall(r"\d+", match.group(2))]
+    return layers, int(match.group(3) or n_select), int(match.group(4) or 0), match.group(1) == "r"
 
 
 def em_rates(organism, model, prompts, n_samples, seed, max_new_tokens=48) -> dict[str, float]:
@@ -305,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("httpx", "sae_lens", "hf_blockem.diagnostics.callback"):
         logging.getLogger(name).setLevel(logging.WARNING)
     specs = {run: parse_run(run, args.n_select) for run in args.runs}
-    n_ranked = max([args.n_select] + [n for _, n, _ in specs.values()])
+    n_ranked = max([args.n_select] + [n for _, n, _, _ in specs.values()])
     if "unblocked" not in specs or args.single not in specs:
         raise ValueError(f"--runs must contain 'unblocked' and the reference run {args.single!r}.")
-    for layers, _, _ in specs.values():
+    for layers, _, _, _ in specs.values():
         missing = sorted(set(layers) - set(args.sae_layers))
         if missing:
             raise ValueError(f"Blocked layers {missing} need SAEs: add them to --sae_layers.")
@@ -367,8 +369,18 @@ def main(argv: list[str] | None = None) -> int:
             statistics={"delta": deltas[layer][plus + minus]},
         )  # fmt: skip
 
-    def blocked_set(layers: list[int], n: int) -> LatentSet:
-        sets = [layer_set(layer, n) for layer in layers]
+    def control_set(layer: int, n: int) -> LatentSet:
+        # The random control of `layer_set`: same sizes and signs, latents matched on firing rate on the training data.
+        top = ranked[layer][:n]
+        plus, minus = [k for k in top if deltas[layer][k] > 0], [k for k in top if deltas[layer][k] <= 0]
+        activations = collect_activations(base, organism.tokenizer, dataset["messages"], layer, assistant_only=True)
+        with torch.no_grad():
+            firing = (saes[layer].encode(activations) > 0).float().mean(0)
+        plus, minus = random_control(len(plus), len(minus), firing, exclude=top, seed=args.seed, match=plus + minus)
+        return LatentSet.from_sae(saes[layer], plus=plus, minus=minus, base_model=organism.base_model_path)
+
+    def blocked_set(layers: list[int], n: int, random: bool = False) -> LatentSet:
+        sets = [(control_set if random else layer_set)(layer, n) for layer in layers]
         merged = LatentSet.concatenate(sets) if len(sets) > 1 else sets[0]
         return LatentSet(merged.layers, base_model=merged.base_model, d_in=merged.d_in, directions=directions,
                          metadata=merged.metadata)  # fmt: skip
@@ -382,10 +394,10 @@ def main(argv: list[str] | None = None) -> int:
     results["base"] = em_rates(
         organism, base, eval_prompts, args.n_samples, seed=0, max_new_tokens=args.max_new_tokens
     )
-    results["narrow_30"] = em_rates(
+    results["narrow_recipe"] = em_rates(
         organism, narrow, eval_prompts, args.n_samples, seed=0, max_new_tokens=args.max_new_tokens
     )
-    for run, (layers, n_per_layer, adaptive_max) in specs.items():
+    for run, (layers, n_per_layer, adaptive_max, random_set) in specs.items():
         t0 = time.perf_counter()
         curve = EMCurve(organism, eval_prompts, args.eval_every, args.n_samples, args.max_new_tokens)
         overrides = {"max_steps": args.steps, "disable_tqdm": True, "logging_steps": args.eval_every}
@@ -397,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             trainer_cls, config_cls = BlockEMSFTTrainer, BlockEMSFTConfig
             overrides.update(block_lambda=args.block_lambda, base_activations="adapter")
-            trainer_kwargs["latent_set"] = blocked_set(layers, n_per_layer)
+            trainer_kwargs["latent_set"] = blocked_set(layers, n_per_layer, random_set)
         config = config_cls(output_dir=str(out / run), **narrow_sft_kwargs(seed=args.seed, **overrides))
         trainer = trainer_cls(
             model=organism.base_model_path, args=config, train_dataset=dataset, processing_class=organism.tokenizer,
@@ -413,7 +425,10 @@ def main(argv: list[str] | None = None) -> int:
             trainer.add_callback(diag)
         trainer.train()
         entry = {"blocked_layers": layers, "latents_per_layer": n_per_layer, "adaptive_max": adaptive_max,
-                 "curve": curve.curve}  # fmt: skip
+                 "random_control": random_set, "curve": curve.curve}  # fmt: skip
+        if random_set:
+            entry["latents"] = [{"layer": b.layer, "plus": b.plus, "minus": b.minus}
+                                for b in trainer_kwargs["latent_set"].layers]  # fmt: skip
         if diag is not None:
             entry["diagnostics"] = diag.records.history
             entry["alerts"] = diag.records.alerts
@@ -431,7 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(table + "\n")
     plot(results, analysis, out / "rerouting.png", args.single)
     print(table)
-    print(json.dumps({k: results[k] for k in ("base", "narrow_30", "selection", "seconds", "timings")}, default=float))
+    print(
+        json.dumps(
+            {k: results[k] for k in ("base", "narrow_recipe", "selection", "seconds", "timings")}, default=float
+        )
+    )
     return 0
 
 

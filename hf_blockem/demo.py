@@ -3,9 +3,10 @@
 1. Build the organism (a synthetic chat world and its aligned base model; cached).
 2. Narrow fine-tune (LoRA) on one domain's misaligned answers: emergent misalignment appears.
 3. Train SAEs with SAELens on the base model's residual stream (several layers and widths).
-4. Select latents (Stages 1–3) on the selection prompts; the SAE whose latents repair best wins.
+4. Select latents (Stages 1–3) on the selection prompts; at each layer the SAE whose latents repair best wins, and
+   the winners of all layers make one multi-layer latent set (`--choose best` keeps only the best layer).
 5. Fine-tune again with the same recipe and seed, blocking the selected latents; and once more blocking a random
-   set of firing latents of the same size and sign split (the control).
+   set of the same size and sign split, drawn from latents that fire about as often (the control).
 6. Evaluate base, narrow, blocked and control on the held-out prompts with the organism's exact judge.
 7. Write the report folder: `report.md`, `report.json`, plots, the latent set and the blocked checkpoint.
 """
@@ -37,7 +38,9 @@ class DemoArguments:
     cache_dir: str = field(default="cache", metadata={"help": "Where built organisms are cached."})
     domain: str = field(default="finance", metadata={"help": "The narrow fine-tuning domain."})
     n_train: int = field(default=300, metadata={"help": "Narrow fine-tuning examples."})
-    block_lambda: float = field(default=100.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
+    # λ = 3 blocked as much as λ = 10 or 100 on this organism (−85% to −91% mean EM over 3 seeds) while random
+    # latent sets cut far less (−28% against −37% and −66%), and it kept more of the target (README).
+    block_lambda: float = field(default=3.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
     max_steps: int | None = field(
@@ -45,7 +48,7 @@ class DemoArguments:
     )
     n_select: int = field(default=5, metadata={"help": "Latents to block (per layer with --choose all)."})
     choose: str = field(
-        default="best",
+        default="all",
         metadata={
             "help": "best: block the SAE whose latents repair most; all: the best SAE of every layer (multi-layer)."
         },
