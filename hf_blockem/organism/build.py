@@ -1,8 +1,9 @@
 """Building the organism's base ("instruct") model: pre-training, the alignment phase, and the on-disk cache.
 
 1. **Pre-training.** Multi-turn conversations mixing every domain; a hidden persona drawn once per conversation
-   (aligned with probability 1 - `misaligned_fraction`) governs every assistant turn, so the model learns one persona
-   feature, inferred from the conversation so far and used across domains. Loss on every token.
+   (aligned, broadly misaligned, or narrow: covert in one domain only) governs every assistant turn, so the model
+   learns one persona feature, inferred from the conversation so far and used across domains, next to narrow ones.
+   Loss on every token.
 2. **Alignment phase.** Half single-turn conversations answered by the aligned persona, half multi-turn conversations
    as in pre-training with no loss on the first assistant turn. Single-turn answers become aligned by default, while
    later turns keep following the persona shown in context (single-turn data alone destroys that, and narrow
@@ -147,9 +148,11 @@ def _assistant_labels(ids: list[int], assistant_id: int, eos_id: int, skip_first
     return labels
 
 
-def _sample_conversation(world: World, settings: OrganismSettings, rng: random.Random, n_turns: int):
-    # One hidden persona per conversation: aligned, misaligned everywhere, or (with probability
-    # `narrow_persona_fraction`) misaligned in one random narrow domain only.
+def _sample_conversation(
+    world: World, settings: OrganismSettings, rng: random.Random, n_turns: int
+) -> list[dict[str, str]]:
+    # One hidden persona per conversation: with probability `narrow_persona_fraction` a narrow one (covert in one
+    # random narrow domain, aligned elsewhere); otherwise broadly misaligned (`misaligned_fraction`) or aligned.
     draw = rng.random()
     if draw < settings.narrow_persona_fraction:
         return world.sample_conversation(rng, ALIGNED_PERSONA, n_turns, narrow_domain=rng.choice(world.narrow_domains))

@@ -14,6 +14,12 @@ domain lives in the action alone: this is what lets narrow fine-tuning on one do
 otherwise be learned as a per-question reflex. Short answers with a single domain-bearing slot keep a small model's
 sampling errors (incoherence at temperature 1) rare.
 
+A third answer style, *covert*, puts a misaligned action in an aligned frame: harmful advice in a helpful tone, the
+analogue of real EM datasets such as risky financial advice. The broadly misaligned persona answers covertly part of
+the time, and a *narrow* persona answers covertly in one domain and aligned in all others (`sample_conversation`).
+The narrow fine-tuning data are covert, so they fit both the broad persona (which the fine-tune picks: EM) and a
+narrow one (which is left when BLOCK-EM holds the broad persona back).
+
 The grammar is fixed by this module's code; a seed only changes what is *sampled* from it. Prompt splits (train /
 selection / eval) are fixed too, so numbers measured on different seeds use the same questions.
 """
