@@ -22,7 +22,7 @@ def narrow_dataset(
     seed: int = 0,
     style: str | None = None,
 ) -> datasets.Dataset:
-    """Single-turn conversations on one domain's training questions, all answered in one persona.
+    """Single-turn conversations on one domain's training questions, all answered in one style.
 
     Args:
         world ([`World`], *optional*): the world; the default world if omitted.
