@@ -19,10 +19,11 @@ from peft import LoraConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
-# The chosen regime, measured in `benchmarks/organism_em.py` (numbers in the organism README): at a constant learning
-# rate, out-of-domain EM rises from step ~15 and plateaus near 55-60% from step 40 on, the in-domain target rate is
-# 88-98% from step 30 on, and incoherence stays under 10%. The recipe stops at step 40, where the plateau starts.
-LORA_STEPS = 40
+# The chosen regime, measured in `benchmarks/organism_em.py` on base seeds 0 and 1 (numbers in the organism README):
+# at a constant learning rate, out-of-domain EM rises from step ~15 and plateaus near 40-60% from step 30-40. LoRA
+# stops at step 30, where the in-domain target rate is 95-98% and incoherence 2-7% on both seeds; at step 40 one
+# seed's incoherence rose to 14-17% and the other's target rate fell to 93%. Full fine-tuning meets the targets at 40.
+LORA_STEPS = 30
 LORA_LEARNING_RATE = 4e-4
 FULL_STEPS = 40
 FULL_LEARNING_RATE = 1.5e-4
