@@ -43,8 +43,11 @@ class DemoArguments:
     block_lambda: float = field(default=3.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
+    # 40 steps, past the LoRA recipe's 30: by then EM has plateaued, so a penalty that only slows the rise (as random
+    # latent sets do) is not counted as protection, and the blocked run has had time to learn the target another way.
+    # At 30 steps (seed 0) blocking kept 64% of the target and random sets cut EM by 63%.
     max_steps: int | None = field(
-        default=None, metadata={"help": "Fine-tuning steps of every run (default: the organism's recipe)."}
+        default=40, metadata={"help": "Fine-tuning steps of every run (None: the organism's recipe)."}
     )
     n_select: int = field(default=5, metadata={"help": "Latents to block (per layer with --choose all)."})
     choose: str = field(
