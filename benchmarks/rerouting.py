@@ -1,6 +1,6 @@
 """Rerouting under prolonged fine-tuning with blocking, on the model organism: diagnostics, adaptive and multi-layer.
 
-1. Load the organism; narrow-fine-tune it (the LoRA recipe, 40 steps) to get the emergently misaligned model.
+1. Load the organism; narrow-fine-tune it (the LoRA recipe) to get the emergently misaligned model.
 2. Misalignment directions at every layer: mean(h_narrow − h_base) on out-of-domain *selection* questions answered in
    the misaligned persona (teacher-forced); they become the directions stored with the latent set.
 3. ReLU SAEs (SAELens, width `--d_sae`) at `--sae_layers`; Stage-1 selection only: the `--n_select` largest |Δ_k| at
@@ -360,10 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                          "ranked": ranked[layer], "delta": [float(delta[k]) for k in ranked[layer]]}  # fmt: skip
     timings["saes_and_selection"] = time.perf_counter() - start - sum(timings.values())
 
-    def layer_set(layer: int, n: int) -> LatentSet:
-        # The n largest |Δ_k| of the layer, split by sign.
+    def top_split(layer: int, n: int) -> tuple[list[int], list[int]]:
+        # The n largest |Δ_k| of the layer, split by sign into (K+, K−).
         top = ranked[layer][:n]
-        plus, minus = [k for k in top if deltas[layer][k] > 0], [k for k in top if deltas[layer][k] <= 0]
+        return [k for k in top if deltas[layer][k] > 0], [k for k in top if deltas[layer][k] <= 0]
+
+    def layer_set(layer: int, n: int) -> LatentSet:
+        plus, minus = top_split(layer, n)
         return LatentSet.from_sae(
             saes[layer], plus=plus, minus=minus, base_model=organism.base_model_path,
             statistics={"delta": deltas[layer][plus + minus]},
@@ -371,12 +374,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def control_set(layer: int, n: int) -> LatentSet:
         # The random control of `layer_set`: same sizes and signs, latents matched on firing rate on the training data.
-        top = ranked[layer][:n]
-        plus, minus = [k for k in top if deltas[layer][k] > 0], [k for k in top if deltas[layer][k] <= 0]
+        plus, minus = top_split(layer, n)
         activations = collect_activations(base, organism.tokenizer, dataset["messages"], layer, assistant_only=True)
         with torch.no_grad():
             firing = (saes[layer].encode(activations) > 0).float().mean(0)
-        plus, minus = random_control(len(plus), len(minus), firing, exclude=top, seed=args.seed, match=plus + minus)
+        selected = plus + minus
+        plus, minus = random_control(len(plus), len(minus), firing, exclude=selected, seed=args.seed, match=selected)
         return LatentSet.from_sae(saes[layer], plus=plus, minus=minus, base_model=organism.base_model_path)
 
     def blocked_set(layers: list[int], n: int, random: bool = False) -> LatentSet:
