@@ -442,6 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
     results["seconds"] = time.perf_counter() - start
     results["timings"] = timings
+    if not any(c["em"] >= args.em_threshold for c in results["runs"]["unblocked"]["curve"]):
+        # Protection is measured against unblocked EM; a run too short for EM to emerge has nothing to analyse.
+        logger.warning(
+            "Unblocked EM never reached %.2f: no protection to analyse (the curves are in %s).",
+            args.em_threshold, out / "results.json",
+        )  # fmt: skip
+        return 0
     analysis = analyse(results, args.single, args.em_threshold)
     results["analysis"] = analysis
     (out / "results.json").write_text(json.dumps(results, indent=1, default=float))
