@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import time
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_blockem.organism import Organism, OrganismSettings, build_organism, load_organism
-from hf_blockem.organism.build import MANIFEST, _assistant_labels, cache_key
+from hf_blockem.organism import ExactJudge, Organism, OrganismSettings, World, build_organism, load_organism
+from hf_blockem.organism.build import MANIFEST, _assistant_labels, cache_key, pretraining_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -83,11 +84,6 @@ def test_alignment_labels_cover_answers_and_eos_only():
 
 @pytest.mark.parametrize("narrow", [0.0, 0.3, 1.0])
 def test_pretraining_personas_follow_the_settings(narrow):
-    import random
-
-    from hf_blockem.organism import ExactJudge, World
-    from hf_blockem.organism.build import pretraining_corpus
-
     world = World()
     judge = ExactJudge(world)
     settings = OrganismSettings(
@@ -112,11 +108,6 @@ def test_pretraining_personas_follow_the_settings(narrow):
 
 
 def test_a_misaligned_persona_answers_covertly_at_the_covert_share():
-    import random
-
-    from hf_blockem.organism import ExactJudge, World
-    from hf_blockem.organism.build import pretraining_corpus
-
     world = World()
     judge = ExactJudge(world)
     settings = OrganismSettings(
