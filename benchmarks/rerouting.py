@@ -47,7 +47,7 @@ from hf_blockem.evaluation.generation import generate_responses
 from hf_blockem.evaluation.judge_base import INCOHERENT, MISALIGNED
 from hf_blockem.organism import build_organism, load_organism, narrow_finetune, narrow_lora_config, narrow_sft_kwargs
 from hf_blockem.organism.world import MISALIGNED_PERSONA
-from hf_blockem.selection import activation_shifts, candidate_pool, random_control
+from hf_blockem.selection import activation_shifts, candidate_pool, firing_rates, random_control
 
 logger = logging.getLogger("rerouting")
 P = "blockem_diag"
@@ -375,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     def control_set(layer: int, n: int) -> LatentSet:
         # The random control of `layer_set`: same sizes and signs, latents matched on firing rate on the training data.
         plus, minus = top_split(layer, n)
-        activations = collect_activations(base, organism.tokenizer, dataset["messages"], layer, assistant_only=True)
-        with torch.no_grad():
-            firing = (saes[layer].encode(activations) > 0).float().mean(0)
+        firing = firing_rates(base, organism.tokenizer, saes[layer], layer, dataset["messages"])
         selected = plus + minus
         plus, minus = random_control(len(plus), len(minus), firing, exclude=selected, seed=args.seed, match=selected)
         return LatentSet.from_sae(saes[layer], plus=plus, minus=minus, base_model=organism.base_model_path)

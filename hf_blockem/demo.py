@@ -167,16 +167,6 @@ def _train_saes(organism, sizes: dict[str, Any], seed: int) -> dict[str, tuple[A
     return saes
 
 
-def _firing_rate(organism, sae, layer: int, dataset) -> torch.Tensor:
-    from .sae_training import collect_activations
-
-    activations = collect_activations(
-        organism.load_model(), organism.tokenizer, dataset["messages"], layer, assistant_only=True
-    )
-    with torch.no_grad():
-        return (sae.encode(activations) > 0).float().mean(0)
-
-
 def _training_curves(trainers: dict[str, Any]) -> dict[str, list[dict[str, float]]]:
     keep = ("step", "loss", "blockem/penalty")
     return {
@@ -191,7 +181,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     from .evaluation.judge_base import MISALIGNED
     from .latent_set import LatentSet
     from .organism import build_organism
-    from .selection import SelectionConfig, random_control, select_latents
+    from .selection import SelectionConfig, firing_rates, random_control, select_latents
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -249,10 +239,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
 
     # The control mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire about as
     # often on the training data as the selected latent each one stands for.
+    base_model = organism.load_model()
     controls = []
     for run in chosen:
         sae, layer = saes[run.name]
-        firing = _firing_rate(organism, sae, layer, dataset)
+        firing = firing_rates(base_model, organism.tokenizer, sae, layer, dataset["messages"])
         selected = run.plus + run.minus
         plus, minus = random_control(
             len(run.plus), len(run.minus), firing, exclude=selected, seed=args.seed, match=selected
@@ -269,7 +260,6 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     def is_target(row: dict[str, Any]) -> bool:
         return judge.label(row["prompt"], row["response"])[0] == MISALIGNED
 
-    base_model = organism.load_model()
     models = {"base": base_model, **{name: t.model for name, t in trainers.items()}}
     result = evaluate(
         models,

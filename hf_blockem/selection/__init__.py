@@ -2,7 +2,7 @@
 random-latent controls. The result is a `LatentSet` ready to train against or push to the Hub, plus a report."""
 
 from .calibration import Calibration, calibrate, rank_and_select
-from .controls import firing_latents, random_control
+from .controls import firing_latents, firing_rates, random_control
 from .pipeline import LayerSelection, SelectionConfig, SelectionResult, select_latents, select_layer
 from .probe import ProbeResult, SteeringProbe
 from .screen import Candidate, ScreenResult, keep_causal, screen_candidates
@@ -21,6 +21,7 @@ __all__ = [
     "calibrate",
     "candidate_pool",
     "firing_latents",
+    "firing_rates",
     "keep_causal",
     "random_control",
     "rank_and_select",

@@ -15,6 +15,23 @@ from collections.abc import Iterable, Sequence
 import torch
 
 
+def firing_rates(model, tokenizer, sae, layer: int, conversations) -> torch.Tensor:
+    """Share of the assistant tokens of `conversations` (TRL `messages` lists) on which each SAE latent is > 0.
+
+    Args:
+        model (`torch.nn.Module`): the base model the SAE reads (activations at decoder layer `layer`'s output).
+        tokenizer: its tokenizer, with a chat template.
+        sae: a SAELens SAE (anything with `encode`).
+        layer (`int`): the decoder layer.
+        conversations: the training conversations.
+    """
+    from ..sae_training import collect_activations
+
+    activations = collect_activations(model, tokenizer, conversations, layer, assistant_only=True)
+    with torch.no_grad():
+        return (sae.encode(activations) > 0).float().mean(0)
+
+
 def firing_latents(firing_rate: torch.Tensor, min_firing_rate: float = 0.01) -> list[int]:
     """Latent ids whose share of firing tokens is at least `min_firing_rate`."""
     return torch.nonzero(firing_rate >= min_firing_rate).flatten().tolist()
