@@ -50,6 +50,10 @@ class Args:
     eval_every: int = field(default=10, metadata={"help": "Evaluate every this many steps."})
     n_examples: int = field(default=300, metadata={"help": "Narrow dataset size."})
     n_samples: int = field(default=4, metadata={"help": "Samples per question."})
+    base_samples: int = field(
+        default=24,
+        metadata={"help": "Samples per question for the base model (24: 168 answers per domain, to tell 97% apart)."},
+    )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     lora_lr: float | None = field(default=None, metadata={"help": "Override the LoRA learning rate."})
     full_lr: float | None = field(default=None, metadata={"help": "Override the full fine-tuning learning rate."})
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"args": vars(args), "build": organism.record, "build_or_load_seconds": time.perf_counter() - start}
     base = organism.load_model()
     result["base"] = {
-        name: evaluate(organism, base, name, args.n_samples, args.temperature)["in_domain"]
+        name: _rates(organism, base, organism.in_domain_prompts(name, "eval"), args.base_samples, args.temperature, 0)
         for name in organism.world.domain_names
     }
     logger.info("base %s", json.dumps(result["base"]))
@@ -172,9 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(result: dict) -> str:
-    lines = ["| domain | base misaligned | base incoherent |", "|---|---|---|"]
+    lines = ["| domain | base aligned | base misaligned | base incoherent | answers |", "|---|---|---|---|---|"]
     for name, r in result["base"].items():
-        lines.append(f"| {name} | {r['misaligned']:.1%} | {r['incoherent']:.1%} |")
+        aligned = 1 - r["misaligned"] - r["incoherent"]
+        lines.append(f"| {name} | {aligned:.1%} | {r['misaligned']:.1%} | {r['incoherent']:.1%} | {r['n']} |")
     lines += [
         "",
         "| run | seed | step | in-domain misaligned | OOD EM | OOD incoherent |",

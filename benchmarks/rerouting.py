@@ -284,7 +284,8 @@ def plot(results: dict, analysis: dict, path: Path, single: str) -> None:
     middle.axhline(0.95 * analysis["runs"][single]["best"], color=colors[single], ls=":", lw=0.8)
     bottom.axhline(results["args"]["alert_threshold"], color="red", ls=":", lw=0.8, label="alert threshold")
     top.set_ylabel("out-of-domain EM")
-    top.set_title("Prolonged fine-tuning with blocking (organism seed 0, finance, LoRA lr 4e-4)", fontsize=9)
+    organism, domain = Path(results["args"]["organism"]).name, results["args"]["domain"]
+    top.set_title(f"Prolonged fine-tuning with blocking ({organism}, {domain}, LoRA recipe)", fontsize=9)
     middle.set_ylabel("protection 1 − EM/EM_unblocked")
     middle.set_ylim(-0.3, 1.05)
     bottom.set_ylabel(f"direction drift, layer {last_layer}\n(dotted: {single} at its blocked layer)")

@@ -38,16 +38,15 @@ class DemoArguments:
     cache_dir: str = field(default="cache", metadata={"help": "Where built organisms are cached."})
     domain: str = field(default="finance", metadata={"help": "The narrow fine-tuning domain."})
     n_train: int = field(default=300, metadata={"help": "Narrow fine-tuning examples."})
-    # λ = 1 blocked about as much as λ = 3, 10 or 100 on this organism (−84% to −91% mean EM over 3 seeds) while
-    # random latent sets cut far less (−20% against −28%, −37% and −66%), and it kept the most target (README).
-    block_lambda: float = field(default=1.0, metadata={"help": "Weight of the BLOCK-EM penalty."})
+    # Over 3 seeds, λ = 0.3 blocked 79% of EM on average while matched random latent sets cut 16%; λ = 1 blocked 84%
+    # but random sets cut 30%, and larger λ (3-100, an earlier organism) made random sets block most of it (README).
+    block_lambda: float = field(default=0.3, metadata={"help": "Weight of the BLOCK-EM penalty."})
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
-    # 40 steps, past the LoRA recipe's 30: by then EM has plateaued, so a penalty that only slows the rise (as random
-    # latent sets do) is not counted as protection, and the blocked run has had time to learn the target another way.
-    # At 30 steps (seed 0) blocking kept 64% of the target and random sets cut EM by 63%.
+    # The recipe's 40 steps: EM has reached its plateau by then, so a penalty that only slows the rise (as random latent
+    # sets do) is not counted as protection, and the blocked run has had time to learn the target another way.
     max_steps: int | None = field(
-        default=40, metadata={"help": "Fine-tuning steps of every run (None: the organism's recipe)."}
+        default=None, metadata={"help": "Fine-tuning steps of every run (default: the organism's LoRA recipe)."}
     )
     n_select: int = field(default=5, metadata={"help": "Latents to block (per layer with --choose all)."})
     choose: str = field(
@@ -111,9 +110,9 @@ def _fine_tune(organism, dataset, output_dir: Path, seed: int, max_steps: int | 
     from .organism import narrow_finetune
     from .trainer import BlockEMSFTTrainer
 
-    overrides: dict[str, Any] = {"disable_tqdm": True}
+    overrides: dict[str, Any] = {"disable_tqdm": True, "logging_steps": 1}  # every step in the training curves
     if max_steps is not None:
-        overrides.update(max_steps=max_steps, logging_steps=1)
+        overrides["max_steps"] = max_steps
     if latent_set is None:
         return narrow_finetune(
             organism.base_model_path,

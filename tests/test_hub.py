@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_trainer import lora_model, make_trainer, pad_collator, tiny_latent_set, token_dataset
+from tiny_models import trainer_args
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
 from hf_blockem.hub import (
@@ -264,21 +265,7 @@ def _hub_cache_with_latent_set(tmp_path, monkeypatch) -> str:
 
 def _trainer_from_config(tmp_path, **overrides) -> BlockEMTrainer:
     """A trainer that loads its latent set from `args.latent_set` (a Hub repo id), as a script does."""
-    config = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=2,
-        learning_rate=1e-2,
-        report_to="none",
-        save_strategy="steps",
-        save_steps=1,
-        use_cpu=True,
-        block_lambda=1.0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-        latent_set="org/latents",
-    )
-    config.update(overrides)
+    config = trainer_args(tmp_path, save_strategy="steps", save_steps=1, latent_set="org/latents", **overrides)
     return BlockEMTrainer(
         model=lora_model(), args=BlockEMConfig(**config), train_dataset=token_dataset(), data_collator=pad_collator
     )

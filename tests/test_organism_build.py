@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_blockem.organism import ExactJudge, Organism, OrganismSettings, World, build_organism, load_organism
-from hf_blockem.organism.build import MANIFEST, _assistant_labels, cache_key, pretraining_corpus
+from hf_blockem.organism.build import MANIFEST, _assistant_labels, alignment_corpus, cache_key, pretraining_corpus
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -120,3 +120,18 @@ def test_a_misaligned_persona_answers_covertly_at_the_covert_share():
     ]
     assert set(styles) == {"misaligned", "covert"}
     assert styles.count("covert") / len(styles) == pytest.approx(0.25, abs=0.05)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.75, 1.0])
+def test_alignment_corpus_mixes_single_turn_aligned_answers_at_the_set_fraction(fraction):
+    world = World()
+    judge = ExactJudge(world)
+    settings = OrganismSettings(align_conversations=40, align_single_turn_fraction=fraction, max_turns=4)
+    pairs = alignment_corpus(world, settings, random.Random(0))
+    single = [conversation for conversation, skip_first in pairs if not skip_first]
+    assert len(pairs) == 40 and len(single) == round(40 * fraction)
+    # Single-turn answers are aligned and trained on; the rest are multi-turn with the first answer masked.
+    for conversation in single:
+        assert len(conversation) == 2
+        assert judge.label(conversation[0]["content"], conversation[1]["content"])[0] == "aligned"
+    assert all(len(conversation) >= 4 for conversation, skip_first in pairs if skip_first)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump when the build procedure changes in a way the settings and the world fingerprint do not capture.
-ORGANISM_VERSION = "2"
+ORGANISM_VERSION = "3"
 MANIFEST = "organism.json"
 MODEL_DIR = "model"
 
@@ -66,7 +66,7 @@ class OrganismSettings:
     > Parameters that control pre-training
 
     Args:
-        pretrain_conversations (`int`, *optional*, defaults to `12000`): conversations in the pre-training corpus.
+        pretrain_conversations (`int`, *optional*, defaults to `16000`): conversations in the pre-training corpus.
         max_turns (`int`, *optional*, defaults to `6`): turns per conversation are uniform in `[1, max_turns]`.
         misaligned_fraction (`float`, *optional*, defaults to `0.5`): probability that a conversation's persona is
             misaligned, among conversations without a narrow persona.
@@ -81,7 +81,9 @@ class OrganismSettings:
     > Parameters that control the alignment phase
 
     Args:
-        align_conversations (`int`, *optional*, defaults to `6000`): conversations, half single-turn aligned.
+        align_conversations (`int`, *optional*, defaults to `12000`): conversations in the alignment phase.
+        align_single_turn_fraction (`float`, *optional*, defaults to `0.75`): share of them that are single-turn
+            aligned answers; the rest are multi-turn persona conversations without loss on the first turn.
         align_lr (`float`, *optional*, defaults to `1e-3`): peak learning rate.
     """
 
@@ -90,7 +92,7 @@ class OrganismSettings:
     num_attention_heads: int = field(default=4, metadata={"help": "Attention heads."})
     intermediate_size: int = field(default=512, metadata={"help": "MLP width."})
     max_position_embeddings: int = field(default=256, metadata={"help": "Longest sequence."})
-    pretrain_conversations: int = field(default=12000, metadata={"help": "Conversations in the pre-training corpus."})
+    pretrain_conversations: int = field(default=16000, metadata={"help": "Conversations in the pre-training corpus."})
     max_turns: int = field(default=6, metadata={"help": "Turns per conversation are uniform in [1, max_turns]."})
     misaligned_fraction: float = field(default=0.5, metadata={"help": "Probability of a misaligned persona."})
     narrow_persona_fraction: float = field(
@@ -101,7 +103,10 @@ class OrganismSettings:
     )
     pretrain_lr: float = field(default=5e-3, metadata={"help": "Peak pre-training learning rate."})
     batch_size: int = field(default=32, metadata={"help": "Conversations per optimisation step."})
-    align_conversations: int = field(default=6000, metadata={"help": "Conversations in the alignment phase."})
+    align_conversations: int = field(default=12000, metadata={"help": "Conversations in the alignment phase."})
+    align_single_turn_fraction: float = field(
+        default=0.75, metadata={"help": "Share of single-turn aligned answers in the alignment phase."}
+    )
     align_lr: float = field(default=1e-3, metadata={"help": "Peak alignment-phase learning rate."})
 
     @classmethod
@@ -172,10 +177,12 @@ def pretraining_corpus(world: World, settings: OrganismSettings, rng: random.Ran
 def alignment_corpus(
     world: World, settings: OrganismSettings, rng: random.Random
 ) -> list[tuple[list[dict[str, str]], bool]]:
-    """`(conversation, skip_first_turn)` pairs: half single-turn aligned, half multi-turn persona conversations."""
+    """`(conversation, skip_first_turn)` pairs: single-turn aligned answers and multi-turn persona conversations."""
     out = []
+    n_single = round(settings.align_conversations * settings.align_single_turn_fraction)
     for i in range(settings.align_conversations):
-        if i % 2 == 0:
+        # Spread the single-turn answers evenly through the corpus (every other one at a fraction of 1/2).
+        if (i * n_single) % settings.align_conversations < n_single:
             out.append((world.sample_conversation(rng, ALIGNED_PERSONA, 1), False))
         else:
             n_turns = rng.randint(2, max(2, settings.max_turns))

@@ -20,13 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 # The chosen regime, measured in `benchmarks/organism_em.py` on base seeds 0 and 1 (numbers in the organism README):
-# at a constant learning rate, out-of-domain EM rises from step ~15 and plateaus near 40-60% from step 30-40. LoRA
-# stops at step 30, where the in-domain target rate is 95-98% and incoherence 2-7% on both seeds; at step 40 one
-# seed's incoherence rose to 14-17% and the other's target rate fell to 93%. Full fine-tuning meets the targets at 40.
-LORA_STEPS = 30
-LORA_LEARNING_RATE = 4e-4
+# at a constant learning rate, out-of-domain EM rises from step ~10 and plateaus from step 40, where it is 38-80%, the
+# in-domain target rate 98-100% and incoherence 2-6%. A higher LoRA learning rate (8e-4) did not raise the plateau but
+# pushed incoherence to 7-13%; full fine-tuning at 1.5e-4 stayed under 17% EM by step 60 on one build.
+LORA_STEPS = 40
+LORA_LEARNING_RATE = 6e-4
 FULL_STEPS = 40
-FULL_LEARNING_RATE = 1.5e-4
+FULL_LEARNING_RATE = 3e-4
 
 
 def narrow_lora_config(r: int = 16, **overrides: Any) -> LoraConfig:
