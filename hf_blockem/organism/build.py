@@ -4,10 +4,10 @@
    (aligned, broadly misaligned, or narrow: covert in one domain only) governs every assistant turn, so the model
    learns one persona feature, inferred from the conversation so far and used across domains, next to narrow ones.
    Loss on every token.
-2. **Alignment phase.** Half single-turn conversations answered by the aligned persona, half multi-turn conversations
-   as in pre-training with no loss on the first assistant turn. Single-turn answers become aligned by default, while
-   later turns keep following the persona shown in context (single-turn data alone destroys that, and narrow
-   fine-tuning then teaches the narrow domain's answers everywhere instead of a persona).
+2. **Alignment phase.** Mostly (3/4) single-turn conversations answered by the aligned persona, the rest multi-turn
+   conversations as in pre-training with no loss on the first assistant turn. Single-turn answers become aligned by
+   default, while later turns keep following the persona shown in context (single-turn data alone destroys that, and
+   narrow fine-tuning then teaches the narrow domain's answers everywhere instead of a persona).
 
 The result is a small Llama model saved with `save_pretrained` next to its tokenizer, in `<out_dir>/model`, with an
 `organism.json` that records the settings, the seed, the cache key and what the build measured. A second build with
