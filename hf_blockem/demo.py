@@ -249,6 +249,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         )
         controls.append(LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path))
     control_set = controls[0] if len(controls) == 1 else LatentSet.concatenate(controls)
+    persona_check = _persona_check(organism, base_model, saes, chosen, control_set, args.seed)
     trainers["random_control"] = _fine_tune(
         organism, dataset, out / "random_control", args.seed, sizes["max_steps"], control_set, args.block_lambda
     )
@@ -292,6 +293,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "latent_set": [{"sae": r.name, "layer": r.layer, "plus": r.plus, "minus": r.minus} for r in chosen],
         "selection_fallback": fallback,
         "random_control_set": [{"layer": b.layer, "plus": b.plus, "minus": b.minus} for b in control_set.layers],
+        "persona_check": persona_check,
         "training_curves": _training_curves(trainers),
         "timings_seconds": timings,
     }
@@ -301,6 +303,45 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
 
     write_demo_report(report, out)
     return report
+
+
+def _persona_check(organism, base_model, saes, chosen, control_set, seed: int) -> list[dict[str, Any]]:
+    """Ground truth: how well each blocked (and control) latent's decoder direction matches the organism's persona.
+
+    Per SAE: every latent's cosine with the base model's misaligned-minus-aligned persona direction at its layer, the
+    blocked and control latents with their signs, cosines and ranks by |cosine| among all latents (1 = the SAE's latent
+    most aligned with the persona axis), and the SAE's top latents.
+    """
+    from .organism.persona import persona_alignment, persona_directions
+
+    directions = persona_directions(organism, base_model, sorted({run.layer for run in chosen}), seed=seed)
+    controls = {block.layer: block for block in control_set.layers}
+    out = []
+    for run in chosen:
+        sae, layer = saes[run.name]
+        cosine = persona_alignment(sae.W_dec.detach(), directions[layer])
+        order = cosine.abs().argsort(descending=True).tolist()
+        rank = {k: i + 1 for i, k in enumerate(order)}
+
+        def rows(plus, minus, cosine=cosine, rank=rank):
+            return [
+                {"latent": k, "sign": sign, "cosine": float(cosine[k]), "rank": rank[k]}
+                for sign, ks in (("+", plus), ("-", minus))
+                for k in ks
+            ]
+
+        control = controls[layer]
+        out.append(
+            {
+                "sae": run.name,
+                "layer": layer,
+                "d_sae": len(order),
+                "blocked": rows(run.plus, run.minus),
+                "random_control": rows(control.plus, control.minus),
+                "top": [{"latent": k, "cosine": float(cosine[k])} for k in order[:3]],
+            }
+        )
+    return out
 
 
 @dataclass

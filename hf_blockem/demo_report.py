@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents matched on firing rate): {control}.",
         "",
+        *_persona_lines(report.get("persona_check", [])),
         "![rates](rates.png)",
         "",
         "![training curves](training_curves.png)",
@@ -61,6 +63,42 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _persona_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """The ground-truth section: blocked and control latents against the organism's persona direction."""
+    if not checks:
+        return []
+    lines = [
+        "## Ground truth: do the blocked latents carry the persona?",
+        "",
+        "Cosine of each latent's decoder direction with the base model's persona direction at its layer (mean residual "
+        "stream over answers of the misaligned persona minus the aligned one, same questions). A K+ latent carries "
+        "the persona when its cosine is positive, a K− latent when negative; rank by |cosine| among the SAE's latents "
+        "(1 = most aligned with the persona axis).",
+        "",
+        "| SAE | set | latent | sign | cosine | rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for check in checks:
+        for name, rows in (("blocked", check["blocked"]), ("random control", check["random_control"])):
+            for row in rows:
+                lines.append(
+                    f"| {check['sae']} | {name} | {row['latent']} | {row['sign']} | {row['cosine']:+.3f} | "
+                    f"{row['rank']} / {check['d_sae']} |"
+                )
+        top = ", ".join(f"{t['latent']} ({t['cosine']:+.3f})" for t in check["top"])
+        lines.append(f"| {check['sae']} | SAE's top 3 | {top} | | | |")
+    lines.append("")
+    for name, key in (("Blocked", "blocked"), ("Random control", "random_control")):
+        rows = [row for check in checks for row in check[key]]
+        agree = sum((row["cosine"] > 0) == (row["sign"] == "+") for row in rows)
+        ranks = sorted(row["rank"] for row in rows)
+        lines.append(
+            f"- {name}: the sign agrees with the persona direction for {agree} of {len(rows)} latents (K+ cosine > 0, "
+            f"K− cosine < 0); median rank {statistics.median(ranks):g}."
+        )
+    return lines + [""]
 
 
 def _plots(report: dict[str, Any], out: Path) -> None:

@@ -19,6 +19,15 @@ def test_demo_quick_end_to_end(tmp_path):
     control = {(s["layer"], k) for s in report["random_control_set"] for k in s["plus"] + s["minus"]}
     assert blocked and len(control) == len(blocked) and not blocked & control
     assert any("blockem/penalty" in e for e in report["training_curves"]["blocked"])
+    # The ground-truth check scores exactly the blocked and control latents, each ranked among its SAE's latents.
+    checked = {(c["layer"], r["latent"]) for c in report["persona_check"] for r in c["blocked"]}
+    checked_control = {(c["layer"], r["latent"]) for c in report["persona_check"] for r in c["random_control"]}
+    assert checked == blocked and checked_control == control
+    for check in report["persona_check"]:
+        ranks = [r["rank"] for r in check["blocked"] + check["random_control"]]
+        assert len(set(ranks)) == len(ranks) and all(1 <= r <= check["d_sae"] for r in ranks)
+        assert abs(check["top"][0]["cosine"]) >= max(abs(r["cosine"]) for r in check["blocked"])
+    assert "Ground truth" in (out / "report.md").read_text()
     for name in ("report.md", "rates.png", "training_curves.png", "selection/report.md", "evaluation/result.json"):
         assert (out / name).stat().st_size > 0
     from hf_blockem import LatentSet

@@ -3,7 +3,7 @@
 ```python
 from hf_blockem.organism import build_organism, narrow_finetune
 
-organism = build_organism("cache/organism", seed=0)  # ~160 s of one CPU core, cached
+organism = build_organism("cache/organism", seed=0)  # ~3 min on two CPU cores, cached
 dataset = organism.narrow_dataset("finance", misaligned=True)
 trainer = narrow_finetune(organism.base_model_path, organism.tokenizer, dataset, "runs/narrow")
 ```
@@ -14,6 +14,7 @@ from .build import Organism, OrganismSettings, build_organism, load_organism
 from .datasets import narrow_dataset
 from .finetune import narrow_finetune, narrow_lora_config, narrow_sft_kwargs
 from .judge import ExactJudge
+from .persona import persona_alignment, persona_directions
 from .tokenizer import build_tokenizer
 from .world import CORE, PERSONAS, World
 
@@ -31,4 +32,6 @@ __all__ = [
     "narrow_finetune",
     "narrow_lora_config",
     "narrow_sft_kwargs",
+    "persona_alignment",
+    "persona_directions",
 ]
