@@ -322,26 +322,26 @@ def _persona_check(organism, base_model, saes, chosen, control_set, seed: int) -
         cosine = persona_alignment(sae.W_dec.detach(), directions[layer])
         order = cosine.abs().argsort(descending=True).tolist()
         rank = {k: i + 1 for i, k in enumerate(order)}
-
-        def rows(plus, minus, cosine=cosine, rank=rank):
-            return [
-                {"latent": k, "sign": sign, "cosine": float(cosine[k]), "rank": rank[k]}
-                for sign, ks in (("+", plus), ("-", minus))
-                for k in ks
-            ]
-
         control = controls[layer]
         out.append(
             {
                 "sae": run.name,
                 "layer": layer,
                 "d_sae": len(order),
-                "blocked": rows(run.plus, run.minus),
-                "random_control": rows(control.plus, control.minus),
+                "blocked": _scored(run.plus, run.minus, cosine, rank),
+                "random_control": _scored(control.plus, control.minus, cosine, rank),
                 "top": [{"latent": k, "cosine": float(cosine[k])} for k in order[:3]],
             }
         )
     return out
+
+
+def _scored(plus: list[int], minus: list[int], cosine: torch.Tensor, rank: dict[int, int]) -> list[dict[str, Any]]:
+    return [
+        {"latent": k, "sign": sign, "cosine": float(cosine[k]), "rank": rank[k]}
+        for sign, latents in (("+", plus), ("-", minus))
+        for k in latents
+    ]
 
 
 @dataclass
