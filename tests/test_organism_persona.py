@@ -20,15 +20,19 @@ def quick(tmp_path_factory):
 
 
 def _brute_force_mean(organism, model, persona, n, layer):
-    # Another route to the same number: hidden states of every token, kept where the assistant's answers are, found
-    # from the rendered text's `<assistant>` and `<eos>` tokens instead of the chat template's generation mask.
+    # Another route to the same number: one unpadded conversation at a time, the decoder layer's output read by a plain
+    # forward hook (not `hidden_states`, whose last entry has the final norm applied), kept where the assistant's
+    # answers are, found from the rendered `<assistant>` and `<eos>` tokens instead of the template's generation mask.
     assistant, eos = organism.tokenizer.convert_tokens_to_ids(["<assistant>", "<eos>"])
+    captured = []
+    handle = model.model.layers[layer].register_forward_hook(lambda module, args, output: captured.append(output))
     rows = []
     for i in range(n):
         conversation = organism.world.sample_conversation(random.Random(f"0-{i}"), persona, 2)
         ids = organism.tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
         with torch.no_grad():
-            hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[layer + 1][0]
+            model(input_ids=torch.tensor([ids]))
+        hidden = captured.pop()[0]
         inside = False
         for position, token in enumerate(ids):
             if token == assistant:
@@ -38,11 +42,13 @@ def _brute_force_mean(organism, model, persona, n, layer):
                 rows.append(hidden[position])
             if token == eos:
                 inside = False
+    handle.remove()
     return torch.stack(rows).mean(0)
 
 
 def test_persona_direction_is_the_misaligned_minus_aligned_mean_over_answer_tokens(quick):
     model = quick.load_model()
+    # Both layers of the quick model, the last one included (its output is the residual before the final norm).
     directions = persona_directions(quick, model, [0, 1], n_conversations=3)
     assert set(directions) == {0, 1}
     for layer, direction in directions.items():

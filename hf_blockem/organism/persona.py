@@ -22,25 +22,6 @@ if TYPE_CHECKING:
     from .build import Organism
 
 
-def _answer_token_means(
-    model: PreTrainedModel, tokenizer, conversations, layers: list[int]
-) -> dict[int, torch.Tensor]:
-    sums = {layer: torch.zeros(model.config.hidden_size) for layer in layers}
-    count = 0
-    for conversation in conversations:
-        encoded = tokenizer.apply_chat_template(
-            conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, return_tensors="pt"
-        )
-        mask = encoded["assistant_masks"][0].bool()
-        with torch.inference_mode():
-            hidden = model(input_ids=encoded["input_ids"], output_hidden_states=True).hidden_states
-        for layer in layers:
-            # hidden_states[L + 1] is the output of decoder layer L (SAELens `blocks.L.hook_resid_post`).
-            sums[layer] += hidden[layer + 1][0, mask].float().sum(0)
-        count += int(mask.sum())
-    return {layer: total / count for layer, total in sums.items()}
-
-
 def persona_directions(
     organism: Organism, model: PreTrainedModel, layers: list[int], n_conversations: int = 64, seed: int = 0
 ) -> dict[int, torch.Tensor]:
@@ -57,6 +38,8 @@ def persona_directions(
     Returns:
         `dict[int, torch.Tensor]`: `{layer: [hidden_size]}` fp32 directions (not normalised).
     """
+    from ..sae_training import collect_activations
+
     means = {}
     for persona in (MISALIGNED_PERSONA, ALIGNED_PERSONA):
         # The same seed per conversation draws the same domains and questions for both personas.
@@ -64,7 +47,10 @@ def persona_directions(
             organism.world.sample_conversation(random.Random(f"{seed}-{i}"), persona, 2)
             for i in range(n_conversations)
         ]
-        means[persona] = _answer_token_means(model.eval(), organism.tokenizer, conversations, list(layers))
+        means[persona] = {
+            layer: collect_activations(model, organism.tokenizer, conversations, layer, assistant_only=True).mean(0)
+            for layer in layers
+        }
     return {layer: means[MISALIGNED_PERSONA][layer] - means[ALIGNED_PERSONA][layer] for layer in layers}
 
 
