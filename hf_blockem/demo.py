@@ -5,9 +5,10 @@
 3. Train SAEs with SAELens on the base model's residual stream (several layers and widths).
 4. Select latents (Stages 1–3) on the selection prompts; at each layer the SAE whose latents repair best wins, and
    the winners of all layers make one multi-layer latent set (`--choose best` keeps only the best layer).
-5. Fine-tune again with the same recipe and seed, blocking the selected latents; and once more blocking a random
-   set of the same size and sign split, drawn from latents that fire about as often (the control).
-6. Evaluate base, narrow, blocked and control on the held-out prompts with the organism's exact judge.
+5. Fine-tune again with the same recipe and seed, blocking the selected latents; and once per control draw blocking a
+   random set of the same size and sign split, drawn from latents that fire about as often (the control).
+6. Evaluate base, narrow, blocked and the controls on the held-out prompts with the organism's exact judge; the
+   control's rates pool the answers of all its draws.
 7. Write the report folder: `report.md`, `report.json`, plots, the latent set and the blocked checkpoint.
 """
 
@@ -25,7 +26,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("base", "narrow", "blocked", "random_control")
+CONTROL = "random_control"
+MODELS = ("base", "narrow", "blocked", CONTROL)
 
 
 @dataclass
@@ -56,6 +58,11 @@ class DemoArguments:
         },
     )
     sae_l1: float = field(default=1.0, metadata={"help": "Sparsity penalty of the SAEs."})
+    # One draw's reduction varies a lot with the latents drawn (seed 0: -12% to -50% for three draws of one
+    # configuration), so the control is several draws, pooled.
+    n_controls: int = field(
+        default=3, metadata={"help": "Random latent sets drawn for the control; the report pools their answers."}
+    )
     eval_samples: int = field(default=8, metadata={"help": "Answers per evaluation prompt."})
     threads: int = field(
         default=1, metadata={"help": "CPU threads for torch (a model this small runs fastest on one)."}
@@ -176,7 +183,7 @@ def _training_curves(trainers: dict[str, Any]) -> dict[str, list[dict[str, float
 
 def run_demo(args: DemoArguments) -> dict[str, Any]:
     """Runs the whole demo and returns what `report.json` holds."""
-    from .evaluation import evaluate
+    from .evaluation import evaluate, evaluate_responses
     from .evaluation.judge_base import MISALIGNED
     from .latent_set import LatentSet
     from .organism import build_organism
@@ -236,24 +243,35 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     )
     lap("blocked fine-tune")
 
-    # The control mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire about as
-    # often on the training data as the selected latent each one stands for.
+    # Each control draw mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire about
+    # as often on the training data as the selected latent each one stands for.
     base_model = organism.load_model()
-    controls = []
-    for run in chosen:
-        sae, layer = saes[run.name]
-        firing = firing_rates(base_model, organism.tokenizer, sae, layer, dataset["messages"])
-        selected = run.plus + run.minus
-        plus, minus = random_control(
-            len(run.plus), len(run.minus), firing, exclude=selected, seed=args.seed, match=selected
+    firing = {
+        run.name: firing_rates(base_model, organism.tokenizer, *saes[run.name], dataset["messages"]) for run in chosen
+    }
+    control_sets = []
+    for draw in range(args.n_controls):
+        controls = []
+        for run in chosen:
+            selected = run.plus + run.minus
+            plus, minus = random_control(
+                len(run.plus),
+                len(run.minus),
+                firing[run.name],
+                exclude=selected,
+                seed=args.seed + 1000 * draw,
+                match=selected,
+            )
+            controls.append(
+                LatentSet.from_sae(saes[run.name][0], plus=plus, minus=minus, base_model=organism.base_model_path)
+            )
+        control_sets.append(controls[0] if len(controls) == 1 else LatentSet.concatenate(controls))
+    persona_check = _persona_check(organism, base_model, saes, chosen, control_sets, args.seed)
+    for draw, control_set in enumerate(control_sets, start=1):
+        trainers[f"{CONTROL}_{draw}"] = _fine_tune(
+            organism, dataset, out / f"{CONTROL}_{draw}", args.seed, sizes["max_steps"], control_set, args.block_lambda
         )
-        controls.append(LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path))
-    control_set = controls[0] if len(controls) == 1 else LatentSet.concatenate(controls)
-    persona_check = _persona_check(organism, base_model, saes, chosen, control_set, args.seed)
-    trainers["random_control"] = _fine_tune(
-        organism, dataset, out / "random_control", args.seed, sizes["max_steps"], control_set, args.block_lambda
-    )
-    lap("random-control fine-tune")
+    lap("random-control fine-tunes")
 
     judge = organism.judge
 
@@ -274,30 +292,35 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         output_dir=str(out / "evaluation"),
         progress=False,
     )
+    draws = [f"{CONTROL}_{draw}" for draw in range(1, args.n_controls + 1)]
+    pooled = evaluate_responses(
+        {CONTROL: [row for name in draws for row in result.responses[name]]},
+        judge,
+        in_domain={CONTROL: [row for name in draws for row in result.in_domain_responses[name]]},
+        is_target=is_target,
+        seed=args.seed,
+    )
     lap("evaluation")
 
-    summary = result.summary()
+    summary = {**result.summary(), **pooled.summary()}
     report = {
         "seed": args.seed,
         "quick": args.quick,
         "domain": args.domain,
         "block_lambda": args.block_lambda,
-        "models": {
-            name: {
-                "ood_em_rate": summary[name]["em_rate"],
-                "target_rate": summary[name].get("target_rate"),
-                "incoherence_rate": summary[name]["incoherence_rate"],
-            }
-            for name in MODELS
-        },
+        "models": {name: _rates(summary[name]) for name in MODELS},
+        "random_control_draws": [_rates(summary[name]) for name in draws],
         "latent_set": [{"sae": r.name, "layer": r.layer, "plus": r.plus, "minus": r.minus} for r in chosen],
         "selection_fallback": fallback,
-        "random_control_set": [{"layer": b.layer, "plus": b.plus, "minus": b.minus} for b in control_set.layers],
+        "random_control_sets": [
+            [{"layer": b.layer, "plus": b.plus, "minus": b.minus} for b in control_set.layers]
+            for control_set in control_sets
+        ],
         "persona_check": persona_check,
         "training_curves": _training_curves(trainers),
         "timings_seconds": timings,
     }
-    report["relative_reduction"] = _relative_reductions(report["models"])
+    report["relative_reduction"] = _relative_reductions(report["models"], report["random_control_draws"])
     latent_set.save_pretrained(out / "latent_set")
     from .demo_report import write_demo_report
 
@@ -305,7 +328,15 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     return report
 
 
-def _persona_check(organism, base_model, saes, chosen, control_set, seed: int) -> list[dict[str, Any]]:
+def _rates(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ood_em_rate": summary["em_rate"],
+        "target_rate": summary.get("target_rate"),
+        "incoherence_rate": summary["incoherence_rate"],
+    }
+
+
+def _persona_check(organism, base_model, saes, chosen, control_sets, seed: int) -> list[dict[str, Any]]:
     """Ground truth: how well each blocked (and control) latent's decoder direction matches the organism's persona.
 
     Per SAE: every latent's cosine with the base model's misaligned-minus-aligned persona direction at its layer, the
@@ -315,21 +346,25 @@ def _persona_check(organism, base_model, saes, chosen, control_set, seed: int) -
     from .organism.persona import persona_alignment, persona_directions
 
     directions = persona_directions(organism, base_model, sorted({run.layer for run in chosen}), seed=seed)
-    controls = {block.layer: block for block in control_set.layers}
+    controls = [{block.layer: block for block in control_set.layers} for control_set in control_sets]
     out = []
     for run in chosen:
         sae, layer = saes[run.name]
         cosine = persona_alignment(sae.W_dec.detach(), directions[layer])
         order = cosine.abs().argsort(descending=True).tolist()
         rank = {k: i + 1 for i, k in enumerate(order)}
-        control = controls[layer]
         out.append(
             {
                 "sae": run.name,
                 "layer": layer,
                 "d_sae": len(order),
                 "blocked": _scored(run.plus, run.minus, cosine, rank),
-                "random_control": _scored(control.plus, control.minus, cosine, rank),
+                # One row per latent of every draw; `draw` counts from 1.
+                CONTROL: [
+                    {**row, "draw": draw}
+                    for draw, control in enumerate(controls, start=1)
+                    for row in _scored(control[layer].plus, control[layer].minus, cosine, rank)
+                ],
                 "top": [{"latent": k, "cosine": float(cosine[k])} for k in order[:3]],
             }
         )
@@ -368,11 +403,17 @@ def _fallback_selection(selection, saes, n_select: int, base_model: str):
     return chosen, LatentSet.from_sae(sae, plus=chosen.plus, minus=chosen.minus, base_model=base_model)
 
 
-def _relative_reductions(models: dict[str, Any]) -> dict[str, float | None]:
+def _relative_reductions(models: dict[str, Any], control_draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """Relative reduction of out-of-domain EM against the narrow fine-tune: blocked, control (pooled), each draw."""
     narrow = models["narrow"]["ood_em_rate"]["value"]
+
+    def reduction(rates: dict[str, Any]) -> float | None:
+        return (1 - rates["ood_em_rate"]["value"] / narrow) if narrow else None
+
     return {
-        name: (1 - models[name]["ood_em_rate"]["value"] / narrow) if narrow else None
-        for name in ("blocked", "random_control")
+        "blocked": reduction(models["blocked"]),
+        CONTROL: reduction(models[CONTROL]),
+        f"{CONTROL}_draws": [reduction(rates) for rates in control_draws],
     }
 
 

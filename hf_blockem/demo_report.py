@@ -42,15 +42,21 @@ def _markdown(report: dict[str, Any]) -> str:
     blocked = "; ".join(
         f"{s['sae']} (decoder layer {s['layer']}): K+ = {s['plus']}, K− = {s['minus']}" for s in report["latent_set"]
     )
-    control = "; ".join(
-        f"layer {s['layer']}: K+ = {s['plus']}, K− = {s['minus']}" for s in report["random_control_set"]
+    control = " ".join(
+        f"draw {draw}: " + "; ".join(f"layer {s['layer']}: K+ = {s['plus']}, K− = {s['minus']}" for s in layers) + "."
+        for draw, layers in enumerate(report["random_control_sets"], start=1)
     )
+    per_draw = ", ".join(f"{-v:+.0%}" for v in reductions["random_control_draws"] if v is not None)
     lines += [
         "",
         "Change of out-of-domain EM relative to narrow FT: "
-        + ", ".join(f"{k.replace('_', ' ')} {-v:+.0%}" if v is not None else f"{k} –" for k, v in reductions.items()),
+        + ", ".join(
+            _change(name, reductions[key])
+            for key, name in (("blocked", "blocked"), ("random_control", "random control"))
+        )
+        + f" (its {len(report['random_control_sets'])} draws pooled; each draw: {per_draw or '–'})",
         "",
-        f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents matched on firing rate): {control}.",
+        f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents matched on firing rate), {control}",
         "",
         *_persona_lines(report.get("persona_check", [])),
         "![rates](rates.png)",
@@ -63,6 +69,10 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _change(name: str, reduction: float | None) -> str:
+    return f"{name} {-reduction:+.0%}" if reduction is not None else f"{name} –"
 
 
 def _persona_lines(checks: list[dict[str, Any]]) -> list[str]:
@@ -81,16 +91,16 @@ def _persona_lines(checks: list[dict[str, Any]]) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for check in checks:
-        for name, rows in (("blocked", check["blocked"]), ("random control", check["random_control"])):
-            for row in rows:
-                lines.append(
-                    f"| {check['sae']} | {name} | {row['latent']} | {row['sign']} | {row['cosine']:+.3f} | "
-                    f"{row['rank']} / {check['d_sae']} |"
-                )
+        for row in check["blocked"] + check["random_control"]:
+            name = f"random control {row['draw']}" if "draw" in row else "blocked"
+            lines.append(
+                f"| {check['sae']} | {name} | {row['latent']} | {row['sign']} | {row['cosine']:+.3f} | "
+                f"{row['rank']} / {check['d_sae']} |"
+            )
         top = ", ".join(f"{t['latent']} ({t['cosine']:+.3f})" for t in check["top"])
         lines.append(f"| {check['sae']} | SAE's top 3 | {top} | | | |")
     lines.append("")
-    for name, key in (("Blocked", "blocked"), ("Random control", "random_control")):
+    for name, key in (("Blocked", "blocked"), ("Random control (all draws)", "random_control")):
         rows = [row for check in checks for row in check[key]]
         agree = sum((row["cosine"] > 0) == (row["sign"] == "+") for row in rows)
         ranks = sorted(row["rank"] for row in rows)

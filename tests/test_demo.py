@@ -16,19 +16,31 @@ def test_demo_quick_end_to_end(tmp_path):
             rate = model[metric]
             assert 0.0 <= rate["ci"][0] <= rate["value"] <= rate["ci"][1] <= 1.0
     blocked = {(s["layer"], k) for s in report["latent_set"] for k in s["plus"] + s["minus"]}
-    control = {(s["layer"], k) for s in report["random_control_set"] for k in s["plus"] + s["minus"]}
-    assert blocked and len(control) == len(blocked) and not blocked & control
+    draws = [
+        {(s["layer"], k) for s in layers for k in s["plus"] + s["minus"]} for layers in report["random_control_sets"]
+    ]
+    assert blocked and len(draws) == 3  # the default --n_controls
+    assert all(len(control) == len(blocked) and not blocked & control for control in draws)
     assert any("blockem/penalty" in e for e in report["training_curves"]["blocked"])
+    # The control's rates pool the answers of its draws: counts and sizes add up exactly.
+    assert len(report["random_control_draws"]) == 3 == len(report["relative_reduction"]["random_control_draws"])
+    for metric in ("ood_em_rate", "target_rate", "incoherence_rate"):
+        pooled = report["models"]["random_control"][metric]
+        assert pooled["n"] == sum(d[metric]["n"] for d in report["random_control_draws"])
+        assert pooled["count"] == sum(d[metric]["count"] for d in report["random_control_draws"])
     # The ground-truth check scores exactly the blocked and control latents, each ranked among its SAE's latents.
     checked = {(c["layer"], r["latent"]) for c in report["persona_check"] for r in c["blocked"]}
-    checked_control = {(c["layer"], r["latent"]) for c in report["persona_check"] for r in c["random_control"]}
-    assert checked == blocked and checked_control == control
+    assert checked == blocked
+    for draw, control in enumerate(draws, start=1):
+        rows = [(c["layer"], r) for c in report["persona_check"] for r in c["random_control"] if r["draw"] == draw]
+        assert {(layer, r["latent"]) for layer, r in rows} == control
     for check in report["persona_check"]:
-        ranks = [r["rank"] for r in check["blocked"] + check["random_control"]]
+        ranks = [r["rank"] for r in check["blocked"] + [r for r in check["random_control"] if r["draw"] == 1]]
         assert len(set(ranks)) == len(ranks) and all(1 <= r <= check["d_sae"] for r in ranks)
         assert abs(check["top"][0]["cosine"]) >= max(abs(r["cosine"]) for r in check["blocked"])
     assert "Ground truth" in (out / "report.md").read_text()
-    for name in ("report.md", "rates.png", "training_curves.png", "selection/report.md", "evaluation/result.json"):
+    names = ("report.md", "rates.png", "training_curves.png", "selection/report.md", "evaluation/result.json")
+    for name in (*names, "evaluation/in_domain_random_control_3.jsonl"):
         assert (out / name).stat().st_size > 0
     from hf_blockem import LatentSet
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
-from tiny_models import HIDDEN, LORA_TARGETS, tiny_model, tiny_sae, trainer_args
+from tiny_models import HIDDEN, LORA_TARGETS, tiny_model, tiny_sae, trainer_args, training_args
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
@@ -161,18 +161,7 @@ def test_statistics_equal_direct_computation(tmp_path):
 def test_plain_trainer_reduced_set_and_hooks_removed(tmp_path):
     model = tiny_model("llama")
     layers = get_decoder_layers(model)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "plain"),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        logging_steps=1,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        learning_rate=1e-2,
-        disable_tqdm=True,
-        remove_unused_columns=False,
-    )
+    args = TrainingArguments(**training_args(tmp_path, output_dir=str(tmp_path / "plain")))
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collate)
     with pytest.raises(ValueError, match="blocks nothing"):
         BlockEMCallback(trainer, probe(), saes={2: tiny_sae(d_sae=24)}, adaptive=True)

@@ -159,20 +159,20 @@ def test_sft_trainer_trains_lora_only_and_penalty_grows_once_latents_move(tmp_pa
     tokenizer = tiny_chat_tokenizer()
     model = tiny_model("llama")
     args = BlockEMSFTConfig(
-        output_dir=str(tmp_path / "sft"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=3e-2,
-        logging_steps=1,
-        report_to="none",
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        assistant_only_loss=True,
-        gradient_checkpointing=True,
-        block_lambda=0.0,  # free latents: they move, and the (unweighted) penalty metric must see it
-        max_length=32,
-        disable_tqdm=True,
+        **trainer_args(
+            tmp_path,
+            output_dir=str(tmp_path / "sft"),
+            max_steps=6,
+            learning_rate=3e-2,
+            remove_unused_columns=True,  # SFTConfig's default: the trainer drops the `messages` column itself
+            bf16=False,
+            assistant_only_loss=True,
+            gradient_checkpointing=True,
+            block_lambda=0.0,  # free latents: they move, and the (unweighted) penalty metric must see it
+            max_length=32,
+            seed=42,  # with seed 0 no latent of this random set has moved past base by step 6
+            data_seed=None,
+        )
     )
     trainer = BlockEMSFTTrainer(
         model=model,

@@ -105,8 +105,8 @@ def tiny_chat_dataset(n: int = 16, seed: int = 0):
     return Dataset.from_list(rows)
 
 
-def trainer_args(tmp_path, **overrides) -> dict:
-    """`BlockEMConfig` keyword arguments for a quick, deterministic CPU run of a few steps (the tests' common set-up)."""
+def training_args(tmp_path, **overrides) -> dict:
+    """`TrainingArguments` keyword arguments for a quick, deterministic CPU run of a few steps (no BLOCK-EM fields)."""
     kwargs = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=4,
@@ -118,12 +118,16 @@ def trainer_args(tmp_path, **overrides) -> dict:
         use_cpu=True,
         seed=0,
         data_seed=0,
-        block_lambda=1.0,
         remove_unused_columns=False,
         disable_tqdm=True,
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def trainer_args(tmp_path, **overrides) -> dict:
+    """`BlockEMConfig` keyword arguments: `training_args` plus a penalty weight of 1 (the tests' common set-up)."""
+    return training_args(tmp_path, **{"block_lambda": 1.0, **overrides})
 
 
 def tiny_sae(d_in: int = HIDDEN, d_sae: int = 32, seed: int = 0):

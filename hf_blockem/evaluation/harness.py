@@ -117,8 +117,13 @@ def evaluate_responses(
         if is_target is None:
             raise ValueError("Got in-domain answers but no `is_target` checker; pass one to score the target task.")
         for model, records in in_domain.items():
+            result.in_domain_responses[model] = _rows(records)
             result.target[model] = target_rate(
-                _rows(records), is_target, cluster_by_prompt=cluster_by_prompt, n_resamples=n_resamples, seed=seed
+                result.in_domain_responses[model],
+                is_target,
+                cluster_by_prompt=cluster_by_prompt,
+                n_resamples=n_resamples,
+                seed=seed,
             )
     return result
 

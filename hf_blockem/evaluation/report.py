@@ -28,6 +28,10 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
 @dataclass
 class EvaluationResult:
     """What `evaluate` measured, for every model and judge.
@@ -40,6 +44,7 @@ class EvaluationResult:
         agreement (`dict[str, dict[str, dict]]`): model name -> `"judge_a | judge_b"` -> `judge_agreement` output.
         config (`dict`): the generation and evaluation settings.
         responses (`dict[str, list[dict]]`): model name -> generated rows (not written to the JSON; see `save`).
+        in_domain_responses (`dict[str, list[dict]]`): model name -> in-domain rows, for the models with a target rate.
         judgements (`dict[str, dict[str, list[Judgement]]]`): model name -> judge name -> one per row.
 
     The first judge is the primary one: `summary()`, the Markdown table and the plot use it.
@@ -52,6 +57,7 @@ class EvaluationResult:
     agreement: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     responses: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
+    in_domain_responses: dict[str, list[dict[str, Any]]] = field(default_factory=dict, repr=False)
     judgements: dict[str, dict[str, list[Judgement]]] = field(default_factory=dict, repr=False)
 
     @property
@@ -180,17 +186,19 @@ class EvaluationResult:
 
     def save(self, output_dir: str | Path) -> Path:
         """Writes `result.json`, `result.md`, `quadrant.png` and, per model, `responses_<model>.jsonl` (one row per
-        answer with every judge's verdict) into `output_dir`."""
+        answer with every judge's verdict) and `in_domain_<model>.jsonl` (the in-domain answers) into `output_dir`."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.to_json(out / "result.json")
         (out / "result.md").write_text(self.to_markdown(), encoding="utf-8")
         self.plot(out / "quadrant.png")
         for model, rows in self.responses.items():
-            safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
-            with open(out / f"responses_{safe}.jsonl", "w", encoding="utf-8") as f:
+            with open(out / f"responses_{_file_safe(model)}.jsonl", "w", encoding="utf-8") as f:
                 for i, row in enumerate(rows):
                     verdicts = {judge: js[i].to_dict() for judge, js in self.judgements.get(model, {}).items()}
                     f.write(json.dumps(_clean({**row, "judgements": verdicts}), ensure_ascii=False) + "\n")
+        for model, rows in self.in_domain_responses.items():
+            with open(out / f"in_domain_{_file_safe(model)}.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(_clean(row), ensure_ascii=False) + "\n" for row in rows)
         logger.info("Evaluation written to %s", out)
         return out
