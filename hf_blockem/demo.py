@@ -244,7 +244,9 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     lap("blocked fine-tune")
 
     # Each control draw mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire about
-    # as often on the training data as the selected latent each one stands for.
+    # as often on the training data as the selected latent each one stands for, and none from Stage 1's candidate
+    # pool: those were flagged by their misaligned shift, so they are not random (on seed 0, a draw that held two of
+    # them, with the selected signs, cut EM by 57%).
     base_model = organism.load_model()
     firing = {
         run.name: firing_rates(base_model, organism.tokenizer, *saes[run.name], dataset["messages"]) for run in chosen
@@ -258,7 +260,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
                 len(run.plus),
                 len(run.minus),
                 firing[run.name],
-                exclude=selected,
+                exclude=set(selected) | set(run.candidates),
                 seed=args.seed + 1000 * draw,
                 match=selected,
             )
@@ -310,7 +312,10 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "block_lambda": args.block_lambda,
         "models": {name: _rates(summary[name]) for name in MODELS},
         "random_control_draws": [_rates(summary[name]) for name in draws],
-        "latent_set": [{"sae": r.name, "layer": r.layer, "plus": r.plus, "minus": r.minus} for r in chosen],
+        "latent_set": [
+            {"sae": r.name, "layer": r.layer, "plus": r.plus, "minus": r.minus, "candidates": r.candidates}
+            for r in chosen
+        ],
         "selection_fallback": fallback,
         "random_control_sets": [
             [{"layer": b.layer, "plus": b.plus, "minus": b.minus} for b in control_set.layers]
@@ -385,6 +390,7 @@ class _Chosen:
     layer: int
     plus: list[int]
     minus: list[int]
+    candidates: list[int]
 
 
 def _fallback_selection(selection, saes, n_select: int, base_model: str):
@@ -398,7 +404,9 @@ def _fallback_selection(selection, saes, n_select: int, base_model: str):
         raise RuntimeError(
             "Every latent of every SAE has zero activation shift: the SAEs are dead. Train them longer."
         )
-    chosen = _Chosen(run.name, run.layer, [k for k in ranked if k in plus], [k for k in ranked if k in minus])
+    chosen = _Chosen(
+        run.name, run.layer, [k for k in ranked if k in plus], [k for k in ranked if k in minus], sorted(plus + minus)
+    )
     sae, layer = saes[run.name]
     return chosen, LatentSet.from_sae(sae, plus=chosen.plus, minus=chosen.minus, base_model=base_model)
 

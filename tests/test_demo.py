@@ -21,6 +21,9 @@ def test_demo_quick_end_to_end(tmp_path):
     ]
     assert blocked and len(draws) == 3  # the default --n_controls
     assert all(len(control) == len(blocked) and not blocked & control for control in draws)
+    # No control latent comes from Stage 1's candidate pool (the latents flagged by their shift).
+    candidates = {(s["layer"], k) for s in report["latent_set"] for k in s["candidates"]}
+    assert blocked <= candidates and not any(control & candidates for control in draws)
     assert any("blockem/penalty" in e for e in report["training_curves"]["blocked"])
     # The control's rates pool the answers of its draws: counts and sizes add up exactly.
     assert len(report["random_control_draws"]) == 3 == len(report["relative_reduction"]["random_control_draws"])

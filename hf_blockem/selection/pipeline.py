@@ -100,6 +100,11 @@ class LayerSelection:
         return [c.candidate.latent for c in self.selected if c.candidate.sign < 0]
 
     @property
+    def candidates(self) -> list[int]:
+        """Stage 1's candidate pool (both signs): the latents whose activation shift flagged them."""
+        return sorted({r.candidate.latent for r in self.screen})
+
+    @property
     def group_repair_gain(self) -> float:
         """How many more answers are aligned *and* coherent when every selected latent is steered away at once.
 
