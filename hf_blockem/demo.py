@@ -46,7 +46,9 @@ class DemoArguments:
     # Layers 2 and 3 block 91% of EM, but blocking the last layer costs a sixth of the target behaviour and random sets
     # there cut 22% (README).
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
-    widths: list[int] = field(default_factory=lambda: [128, 256], metadata={"help": "SAE widths to compare."})
+    # Narrow SAEs hold the persona in few latents: over 3 seeds, 32 latents blocked 92% of EM (random sets 10%), 64
+    # latents 86%, 128 latents 79% (README). Selection compares the widths and keeps the one whose latents repair best.
+    widths: list[int] = field(default_factory=lambda: [32, 64], metadata={"help": "SAE widths to compare."})
     # The recipe's 40 steps: EM has reached its plateau by then, so a penalty that only slows the rise (as random latent
     # sets do) is not counted as protection, and the blocked run has had time to learn the target another way.
     max_steps: int | None = field(
