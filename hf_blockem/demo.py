@@ -40,14 +40,15 @@ class DemoArguments:
     cache_dir: str = field(default="cache", metadata={"help": "Where built organisms are cached."})
     domain: str = field(default="finance", metadata={"help": "The narrow fine-tuning domain."})
     n_train: int = field(default=300, metadata={"help": "Narrow fine-tuning examples."})
-    # Over 3 seeds, λ = 0.3 blocked 79% of EM on average while matched random latent sets cut 11%; λ = 1 blocked 84%
-    # but random sets cut 30%, and larger λ (3-100, an earlier organism) made random sets block most of it (README).
+    # Over 3 seeds, λ = 0.3 blocked 90% of EM on average while matched random latent sets cut 8%. With 128-latent SAEs,
+    # λ = 1 blocked more than λ = 0.3 (84% against 79%) but random sets then cut 30%, and larger λ (3-100, an earlier
+    # organism) made random sets block most of it (README).
     block_lambda: float = field(default=0.3, metadata={"help": "Weight of the BLOCK-EM penalty."})
     # Layers 2 and 3 block 91% of EM, but blocking the last layer costs a sixth of the target behaviour and random sets
     # there cut 22% (README).
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     # Narrow SAEs hold the persona in few latents: over 3 seeds, 32 latents blocked 92% of EM (random sets 10%), 64
-    # latents 86%, 128 latents 79% (README). Selection compares the widths and keeps the one whose latents repair best.
+    # latents 86%, 128 and 256 latents 79% (README). Selection keeps, per layer, the width whose latents repair best.
     widths: list[int] = field(default_factory=lambda: [32, 64], metadata={"help": "SAE widths to compare."})
     # The recipe's 40 steps: EM has reached its plateau by then, so a penalty that only slows the rise (as random latent
     # sets do) is not counted as protection, and the blocked run has had time to learn the target another way.
