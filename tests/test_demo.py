@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from hf_blockem.cli import main
 
 
@@ -48,3 +50,10 @@ def test_demo_quick_end_to_end(tmp_path):
     from hf_blockem import LatentSet
 
     assert LatentSet.from_pretrained(out / "latent_set").layer_indices == [s["layer"] for s in report["latent_set"]]
+
+
+def test_demo_rejects_no_control_draws():
+    from hf_blockem.demo import DemoArguments
+
+    with pytest.raises(ValueError, match="n_controls >= 1"):
+        DemoArguments(n_controls=0)
