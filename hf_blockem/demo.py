@@ -194,9 +194,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     """Runs the whole demo and returns what `report.json` holds."""
     from .evaluation import evaluate, evaluate_responses
     from .evaluation.judge_base import MISALIGNED
-    from .latent_set import LatentSet
     from .organism import build_organism
-    from .selection import SelectionConfig, firing_rates, random_control, select_latents
+    from .selection import SelectionConfig, firing_rates, select_latents
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -260,27 +259,15 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     firing = {
         run.name: firing_rates(base_model, organism.tokenizer, *saes[run.name], dataset["messages"]) for run in chosen
     }
-    control_sets = []
-    for draw in range(args.n_controls):
-        controls = []
-        for run in chosen:
-            selected = run.plus + run.minus
-            plus, minus = random_control(
-                len(run.plus),
-                len(run.minus),
-                firing[run.name],
-                exclude=set(selected) | set(run.candidates),
-                seed=args.seed + 1000 * draw,
-                match=selected,
-            )
-            controls.append(
-                LatentSet.from_sae(saes[run.name][0], plus=plus, minus=minus, base_model=organism.base_model_path)
-            )
-        control_sets.append(controls[0] if len(controls) == 1 else LatentSet.concatenate(controls))
+    control_sets = [
+        _control_set(chosen, saes, firing, args.seed + 1000 * draw, organism.base_model_path)
+        for draw in range(args.n_controls)
+    ]
     persona_check = _persona_check(organism, base_model, saes, chosen, control_sets, args.seed)
-    for draw, control_set in enumerate(control_sets, start=1):
-        trainers[f"{CONTROL}_{draw}"] = _fine_tune(
-            organism, dataset, out / f"{CONTROL}_{draw}", args.seed, sizes["max_steps"], control_set, args.block_lambda
+    draws = [f"{CONTROL}_{draw}" for draw in range(1, args.n_controls + 1)]
+    for name, control_set in zip(draws, control_sets, strict=True):
+        trainers[name] = _fine_tune(
+            organism, dataset, out / name, args.seed, sizes["max_steps"], control_set, args.block_lambda
         )
     lap("random-control fine-tunes")
 
@@ -303,7 +290,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         output_dir=str(out / "evaluation"),
         progress=False,
     )
-    draws = [f"{CONTROL}_{draw}" for draw in range(1, args.n_controls + 1)]
+    # The pooled control re-reads its draws' answers; judging them again costs nothing with the exact judge.
     pooled = evaluate_responses(
         {CONTROL: [row for name in draws for row in result.responses[name]]},
         judge,
@@ -340,6 +327,26 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
 
     write_demo_report(report, out)
     return report
+
+
+def _control_set(chosen, saes, firing: dict[str, torch.Tensor], seed: int, base_model: str):
+    """One control draw, layer by layer like the blocked set (see `run_demo`)."""
+    from .latent_set import LatentSet
+    from .selection import random_control
+
+    controls = []
+    for run in chosen:
+        selected = run.plus + run.minus
+        plus, minus = random_control(
+            len(run.plus),
+            len(run.minus),
+            firing[run.name],
+            exclude=set(selected) | set(run.candidates),
+            seed=seed,
+            match=selected,
+        )
+        controls.append(LatentSet.from_sae(saes[run.name][0], plus=plus, minus=minus, base_model=base_model))
+    return controls[0] if len(controls) == 1 else LatentSet.concatenate(controls)
 
 
 def _rates(summary: dict[str, Any]) -> dict[str, Any]:
