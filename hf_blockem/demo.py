@@ -3,10 +3,12 @@
 1. Build the organism (a synthetic chat world and its aligned base model; cached).
 2. Narrow fine-tune (LoRA) on one domain's misaligned answers: emergent misalignment appears.
 3. Train SAEs with SAELens on the base model's residual stream (several layers and widths).
-4. Select latents (Stages 1–3) on the selection prompts; at each layer the SAE whose latents repair best wins, and
-   the winners of all layers make one multi-layer latent set (`--choose best` keeps only the best layer).
-5. Fine-tune again with the same recipe and seed, blocking the selected latents; and once per control draw blocking a
-   random set of the same size and sign split, drawn from latents that fire about as often (the control).
+4. Select latents (Stages 1–3) on the selection prompts with every SAE; one SAE per layer makes one multi-layer
+   latent set (`--choose best` keeps only one SAE).
+5. Fine-tune again with the same recipe and seed, blocking the selected latents. With several SAEs per layer, every
+   combination gets this blocked fine-tune, and the one whose answers to the selection prompts are most often aligned
+   and coherent is kept (`--sae_choice repair` picks by group repair instead, with no trial). Then once per control
+   draw, blocking a random set of the same size and sign split, drawn from latents that fire about as often.
 6. Evaluate base, narrow, blocked and the controls on the held-out prompts with the organism's exact judge; the
    control's rates pool the answers of all its draws.
 7. Write the report folder: `report.md`, `report.json`, plots, the latent set and the blocked checkpoint.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +43,7 @@ class DemoArguments:
     cache_dir: str = field(default="cache", metadata={"help": "Where built organisms are cached."})
     domain: str = field(default="finance", metadata={"help": "The narrow fine-tuning domain."})
     n_train: int = field(default=300, metadata={"help": "Narrow fine-tuning examples."})
-    # Over 3 seeds, λ = 0.3 blocked 90% of EM on average while matched random latent sets cut 8%. With 128-latent SAEs,
+    # Over 3 seeds, λ = 0.3 blocked 90% of EM on average while matched random latent sets cut 9%. With 128-latent SAEs,
     # λ = 1 blocked more than λ = 0.3 (84% against 79%) but random sets then cut 30%, and larger λ (3-100, an earlier
     # organism) made random sets block most of it (README).
     block_lambda: float = field(default=0.3, metadata={"help": "Weight of the BLOCK-EM penalty."})
@@ -48,8 +51,18 @@ class DemoArguments:
     # there cut 22% (README).
     layers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "Layers to train SAEs at."})
     # Narrow SAEs hold the persona in few latents: over 3 seeds, 32 latents blocked 92% of EM (random sets 10%), 64
-    # latents 86%, 128 and 256 latents 79% (README). Selection keeps, per layer, the width whose latents repair best.
+    # latents 86%, 128 and 256 latents 79% (README). The demo compares widths rather than trusting one.
     widths: list[int] = field(default_factory=lambda: [32, 64], metadata={"help": "SAE widths to compare."})
+    # Group repair (steering all selected latents away at once) mostly breaks coherence here, so it is a noisy guide to
+    # which SAE blocks best; a trial blocked fine-tune per combination measures blocking itself, on the selection
+    # prompts. Over 3 seeds: 90.5% of EM blocked by trial, 89.6% by group repair (README).
+    sae_choice: str = field(
+        default="trial",
+        metadata={
+            "help": "trial: a blocked fine-tune per combination of SAEs, judged on the selection prompts; repair: the "
+            "SAE whose latents repair most when steered away together (no extra fine-tunes)."
+        },
+    )
     # The recipe's 40 steps: EM has reached its plateau by then, so a penalty that only slows the rise (as random latent
     # sets do) is not counted as protection, and the blocked run has had time to learn the target another way.
     max_steps: int | None = field(
@@ -76,6 +89,8 @@ class DemoArguments:
     def __post_init__(self):
         if self.n_controls < 1:
             raise ValueError(f"Expected --n_controls >= 1 (random latent sets to draw), got {self.n_controls}.")
+        if self.sae_choice not in ("trial", "repair"):
+            raise ValueError(f"Expected --sae_choice trial or repair, got {self.sae_choice!r}.")
 
 
 def _quick(args: DemoArguments) -> dict[str, Any]:
@@ -236,19 +251,24 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         cache_dir=out / "selection" / "cache",
         base_model_id=organism.base_model_path,
     )
-    selection.save(out / "selection")
     lap("latent selection")
     fallback = selection.latent_set is None
+    trials = []
     if fallback:
         # Blocking nothing would make the rest meaningless; block the largest shifts instead and say so loudly.
         logger.warning("No latent passed the causal screen; blocking the top-|Δ_k| latents of the best SAE instead.")
         chosen, latent_set = _fallback_selection(selection, saes, config.n_select, organism.base_model_path)
         chosen = [chosen]
     else:
+        alternatives = selection.alternatives() if args.sae_choice == "trial" else [selection]
+        if len(alternatives) > 1:
+            selection, trials, trainers["blocked"] = _sae_trial(organism, dataset, alternatives, args, sizes, out)
         latent_set, chosen = selection.latent_set, selection.layers
-    trainers["blocked"] = _fine_tune(
-        organism, dataset, out / "blocked", args.seed, sizes["max_steps"], latent_set, args.block_lambda
-    )
+    selection.save(out / "selection")
+    if "blocked" not in trainers:
+        trainers["blocked"] = _fine_tune(
+            organism, dataset, out / "blocked", args.seed, sizes["max_steps"], latent_set, args.block_lambda
+        )
     lap("blocked fine-tune")
 
     # Each control draw mirrors the blocked set layer by layer: same SAE, same |K+| and |K−|, latents that fire about
@@ -313,6 +333,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             for r in chosen
         ],
         "selection_fallback": fallback,
+        "sae_choice": args.sae_choice,
+        "sae_trials": [{**t.to_dict(), "kept": t.name == selection.name} for t in trials],
         "random_control_sets": [
             [{"layer": b.layer, "plus": b.plus, "minus": b.minus} for b in control_set.layers]
             for control_set in control_sets
@@ -327,6 +349,33 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
 
     write_demo_report(report, out)
     return report
+
+
+def _sae_trial(organism, dataset, alternatives, args: DemoArguments, sizes: dict[str, Any], out: Path):
+    """Blocked fine-tunes of every alternative (`sae_trials/<name>`); the winner's run becomes `blocked/`."""
+    from .selection import choose_by_trial
+
+    trainers = {}
+
+    def fine_tune(name, latent_set):
+        trainers[name] = _fine_tune(
+            organism, dataset, out / "sae_trials" / name, args.seed, sizes["max_steps"], latent_set, args.block_lambda
+        )
+        return trainers[name].model
+
+    best, trials = choose_by_trial(
+        alternatives,
+        fine_tune,
+        organism.tokenizer,
+        organism.judge,
+        organism.ood_prompts("selection", args.domain),
+        n_samples=sizes["eval_samples"],
+        max_new_tokens=sizes["max_new_tokens"],
+        seed=args.seed,
+    )
+    selection = alternatives[best]
+    shutil.copytree(out / "sae_trials" / selection.name, out / "blocked", dirs_exist_ok=True)
+    return selection, trials, trainers[selection.name]
 
 
 def _control_set(chosen, saes, firing: dict[str, torch.Tensor], seed: int, base_model: str):

@@ -58,6 +58,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "",
         f"Blocked latents: {blocked}. Random control (same SAE, sizes and signs, latents matched on firing rate), {control}",
         "",
+        *_trial_lines(report.get("sae_trials", [])),
         *_persona_lines(report.get("persona_check", [])),
         "![rates](rates.png)",
         "",
@@ -73,6 +74,28 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def _change(name: str, reduction: float | None) -> str:
     return f"{name} {-reduction:+.0%}" if reduction is not None else f"{name} –"
+
+
+def _trial_lines(trials: list[dict[str, Any]]) -> list[str]:
+    """The SAE choice: each combination's trial blocked fine-tune, judged on the selection prompts."""
+    if not trials:
+        return []
+    lines = [
+        "## SAE choice: a trial blocked fine-tune per combination",
+        "",
+        f"Each combination of SAEs was blocked in the same fine-tune; its answers to the selection prompts (not the "
+        f"held-out ones above; {trials[0]['n']} answers each) were judged. The most often aligned and coherent is "
+        "kept, and its run is the blocked model.",
+        "",
+        "| SAEs | EM | incoherence | aligned and coherent | kept |",
+        "|---|---|---|---|---|",
+    ]
+    for t in trials:
+        lines.append(
+            f"| {t['name']} | {t['em_rate']:.1%} | {t['incoherence_rate']:.1%} | {t['score']:.1%} | "
+            f"{'yes' if t['kept'] else ''} |"
+        )
+    return lines + [""]
 
 
 def _persona_lines(checks: list[dict[str, Any]]) -> list[str]:

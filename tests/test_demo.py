@@ -1,6 +1,7 @@
 """`blockem demo --quick` end to end: organism, narrow FT, SAE, selection, blocked and control runs, evaluation."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,7 +12,10 @@ def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--cache_dir", str(tmp_path / "cache")]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["seed"] == 0 and report["quick"] is True
+    assert report["seed"] == 0 and report["quick"] is True and report["sae_choice"] == "trial"
+    # Quick mode's untrained organism selects nothing, so the demo falls back to the largest shifts and skips the trial
+    # (tests/test_selection_trial.py covers the trial).
+    assert report["selection_fallback"] is True and report["sae_trials"] == []
     assert set(report["models"]) == {"base", "narrow", "blocked", "random_control"}
     for model in report["models"].values():
         for metric in ("ood_em_rate", "target_rate", "incoherence_rate"):
@@ -52,8 +56,42 @@ def test_demo_quick_end_to_end(tmp_path):
     assert LatentSet.from_pretrained(out / "latent_set").layer_indices == [s["layer"] for s in report["latent_set"]]
 
 
-def test_demo_rejects_no_control_draws():
+def test_demo_rejects_bad_arguments():
     from hf_blockem.demo import DemoArguments
 
     with pytest.raises(ValueError, match="n_controls >= 1"):
         DemoArguments(n_controls=0)
+    with pytest.raises(ValueError, match="trial or repair, got 'best'"):
+        DemoArguments(sae_choice="best")
+
+
+def test_demo_trial_keeps_the_winners_run_as_the_blocked_model(tmp_path):
+    """The demo's SAE trial with real blocked fine-tunes (quick organism and SAEs): one run per alternative, and the
+    winner's adapter is the one in `blocked/`."""
+    from hf_blockem.demo import DemoArguments, _Chosen, _quick, _sae_trial, _train_saes
+    from hf_blockem.latent_set import LatentSet
+    from hf_blockem.organism import build_organism
+    from hf_blockem.selection import SelectionResult
+
+    args = DemoArguments(quick=True, out=str(tmp_path / "demo"))
+    sizes = _quick(args)
+    organism = build_organism(tmp_path / "organism", seed=0, quick=True, progress=False)
+    dataset = organism.narrow_dataset("finance", misaligned=True, n=sizes["n_train"], seed=0)
+    ((name, (sae, layer)),) = _train_saes(organism, sizes, seed=0).items()
+    alternatives = [
+        SelectionResult(
+            latent_set=LatentSet.from_sae(sae, plus=plus, minus=minus, base_model=organism.base_model_path),
+            layers=[_Chosen(f"{name}_{i}", layer, plus, minus, plus + minus)],
+        )
+        for i, (plus, minus) in enumerate([([0, 1], [2]), ([3], [4, 5])])
+    ]
+    out = Path(args.out)
+    selection, trials, trainer = _sae_trial(organism, dataset, alternatives, args, sizes, out)
+    assert [t.name for t in trials] == [f"{name}_0", f"{name}_1"]
+    kept = max(trials, key=lambda t: t.score)
+    assert selection.name == kept.name and trainer.args.output_dir == str(out / "sae_trials" / kept.name)
+    assert any("blockem/penalty" in e for e in trainer.state.log_history)
+    for trial in trials:
+        assert (out / "sae_trials" / trial.name / "adapter_model.safetensors").is_file()
+    adapter = "adapter_model.safetensors"
+    assert (out / "blocked" / adapter).read_bytes() == (out / "sae_trials" / kept.name / adapter).read_bytes()

@@ -1,5 +1,6 @@
-"""Latent selection (BLOCK-EM Stages 1–3): activation shifts, the induce / repair screen, strength calibration, and
-random-latent controls. The result is a `LatentSet` ready to train against or push to the Hub, plus a report."""
+"""Latent selection (BLOCK-EM Stages 1–3): activation shifts, the induce / repair screen, strength calibration,
+random-latent controls, and choosing among SAEs by a trial fine-tune. The result is a `LatentSet` ready to train against
+or push to the Hub, plus a report."""
 
 from .calibration import Calibration, calibrate, rank_and_select
 from .controls import firing_latents, firing_rates, random_control
@@ -7,6 +8,7 @@ from .pipeline import LayerSelection, SelectionConfig, SelectionResult, select_l
 from .probe import ProbeResult, SteeringProbe
 from .screen import Candidate, ScreenResult, keep_causal, screen_candidates
 from .shifts import activation_shifts, candidate_pool, response_latents, tokenize_responses
+from .trial import Trial, choose_by_trial
 
 __all__ = [
     "Calibration",
@@ -17,9 +19,11 @@ __all__ = [
     "SelectionConfig",
     "SelectionResult",
     "SteeringProbe",
+    "Trial",
     "activation_shifts",
     "calibrate",
     "candidate_pool",
+    "choose_by_trial",
     "firing_latents",
     "firing_rates",
     "keep_causal",

@@ -4,6 +4,7 @@ best latents repair."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -142,11 +143,36 @@ class SelectionResult:
     layers: list[LayerSelection]
     compared: list[LayerSelection] = field(default_factory=list)
     config: SelectionConfig = field(default_factory=SelectionConfig)
+    choose: str = "best"
+
+    @property
+    def name(self) -> str:
+        """The kept SAEs' names joined by `+` (one per layer with `choose="all"`)."""
+        return "+".join(run.name for run in self.layers)
+
+    def alternatives(self) -> list[SelectionResult]:
+        """Every selection the comparison could have kept, this one included, in the order SAEs were compared.
+
+        With `choose="best"`, one per SAE that selected latents; with `choose="all"`, one per combination of one such
+        SAE per layer. Use it to compare SAEs by something more expensive than group repair, such as a short blocked
+        fine-tune on the selection prompts (`choose_by_trial`).
+        """
+        useful = [run for run in self.compared if run.latent_set is not None]
+        if self.choose == "best":
+            return [_combined([run], self.compared, self.config, self.choose) for run in useful]
+        by_layer: dict[int, list[LayerSelection]] = {}
+        for run in useful:
+            by_layer.setdefault(run.layer, []).append(run)
+        return [
+            _combined(list(kept), self.compared, self.config, self.choose)
+            for kept in itertools.product(*(by_layer[layer] for layer in sorted(by_layer)))
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         kept = {run.name for run in self.layers}
         return {
             "config": asdict(self.config),
+            "choose": self.choose,
             "selected": [s.to_dict() for s in self.layers],
             "compared": [{**s.to_dict(), "kept": s.name in kept} for s in self.compared],
             "latent_set": None if self.latent_set is None else self.latent_set.to_dict(),
@@ -410,9 +436,17 @@ def select_latents(
             if run.layer not in by_layer or run.group_repair_gain > by_layer[run.layer].group_repair_gain:
                 by_layer[run.layer] = run
         kept = [by_layer[layer] for layer in sorted(by_layer)]
+    return _combined(kept, runs, config, choose)
+
+
+def _combined(
+    kept: list[LayerSelection], compared: list[LayerSelection], config: SelectionConfig, choose: str
+) -> SelectionResult:
+    """The `SelectionResult` that keeps `kept` (at most one SAE per layer): their latent sets joined in one."""
     latent_set = None
     if kept:
-        latent_set = kept[0].latent_set if len(kept) == 1 else LatentSet.concatenate([r.latent_set for r in kept])
+        # A new set even for one SAE, so the metadata written here never leaks into an alternative sharing its set.
+        latent_set = LatentSet.concatenate([r.latent_set for r in kept])
         latent_set.metadata.update(
             {
                 "selection": {
@@ -422,7 +456,7 @@ def select_latents(
                 }
             }
         )
-    return SelectionResult(latent_set=latent_set, layers=kept, compared=runs, config=config)
+    return SelectionResult(latent_set=latent_set, layers=kept, compared=compared, config=config, choose=choose)
 
 
 def load_report(path: str | Path) -> dict[str, Any]:
