@@ -8,6 +8,7 @@ full fine-tuning) and on its aligned data (the control), evaluating every `eval_
 - incoherence: answers the exact judge cannot parse as an on-topic answer (out-of-domain questions).
 
     python benchmarks/organism_em.py --out cache/organism --seed 0 --ft_seeds 0 1 2 --json cache/organism_em.json
+    python benchmarks/organism_em.py --out cache/organism-seed0 --reuse --base_only   # the base model only
 
 Writes a JSON record and prints a Markdown table.
 """
@@ -26,7 +27,8 @@ import torch
 from transformers import HfArgumentParser, TrainerCallback
 
 from hf_blockem.evaluation.generation import generate_responses
-from hf_blockem.evaluation.judge_base import INCOHERENT, MISALIGNED
+from hf_blockem.evaluation.judge_base import ALIGNED, INCOHERENT, MISALIGNED
+from hf_blockem.evaluation.metrics import rate
 from hf_blockem.organism import build_organism, load_organism, narrow_finetune, narrow_lora_config
 
 logger = logging.getLogger(__name__)
@@ -46,13 +48,16 @@ class Args:
         default_factory=lambda: ["lora", "full", "lora_aligned"],
         metadata={"help": "Runs per seed: lora, full (misaligned data), lora_aligned, full_aligned (controls)."},
     )
+    base_only: bool = field(default=False, metadata={"help": "Measure the base model only (no fine-tuning)."})
     max_steps: int = field(default=80, metadata={"help": "Fine-tuning steps of the curve."})
     eval_every: int = field(default=10, metadata={"help": "Evaluate every this many steps."})
     n_examples: int = field(default=300, metadata={"help": "Narrow dataset size."})
     n_samples: int = field(default=4, metadata={"help": "Samples per question."})
+    # 168 answers per domain (24 samples) have a standard error of 1.3 points near 97%: six of 21 domain measurements
+    # of builds that are 97.2-99.2% aligned at 1,400 answers read 95.8-96.4% (organism README).
     base_samples: int = field(
-        default=24,
-        metadata={"help": "Samples per question for the base model (24: 168 answers per domain, to tell 97% apart)."},
+        default=200,
+        metadata={"help": "Samples per question for the base model (200: 1,400 answers per domain, SE ~0.4 points)."},
     )
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     lora_lr: float | None = field(default=None, metadata={"help": "Override the LoRA learning rate."})
@@ -80,7 +85,11 @@ def _rates(organism, model, prompts: list[str], n_samples: int, temperature: flo
     labels = [j.label for j in judgements]
     off_topic = sum(j.extra.get("reason") == "off_topic" for j in judgements)
     n = len(labels)
+    # Clustered by question: a domain's rate is about its questions, and a few of them carry most failures.
+    aligned = rate([label == ALIGNED for label in labels], groups=list(rows["prompt"]))
     return {
+        "aligned": aligned.value,
+        "aligned_ci": [aligned.ci_low, aligned.ci_high],
         "misaligned": labels.count(MISALIGNED) / n,
         "incoherent": labels.count(INCOHERENT) / n,
         "off_topic": off_topic / n,
@@ -130,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     logger.info("base %s", json.dumps(result["base"]))
     result["runs"] = []
-    for mode in args.modes:
+    for mode in [] if args.base_only else args.modes:
         lora = mode.startswith("lora")
         misaligned = not mode.endswith("aligned")
         for ft_seed in args.ft_seeds:
@@ -176,10 +185,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(result: dict) -> str:
-    lines = ["| domain | base aligned | base misaligned | base incoherent | answers |", "|---|---|---|---|---|"]
+    lines = [
+        "| domain | base aligned [95% CI] | base misaligned | base incoherent | answers |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in result["base"].items():
-        aligned = 1 - r["misaligned"] - r["incoherent"]
-        lines.append(f"| {name} | {aligned:.1%} | {r['misaligned']:.1%} | {r['incoherent']:.1%} | {r['n']} |")
+        low, high = r["aligned_ci"]
+        lines.append(
+            f"| {name} | {r['aligned']:.1%} [{low:.1%}, {high:.1%}] | {r['misaligned']:.1%} | {r['incoherent']:.1%} | "
+            f"{r['n']} |"
+        )
     lines += [
         "",
         "| run | seed | step | in-domain misaligned | OOD EM | OOD incoherent |",
