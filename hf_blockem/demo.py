@@ -21,7 +21,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,7 @@ def _sae_trial(organism, dataset, alternatives, args: DemoArguments, sizes: dict
         max_new_tokens=sizes["max_new_tokens"],
         seed=args.seed,
     )
-    selection = alternatives[best]
+    selection = replace(alternatives[best], chosen_by="trial")
     shutil.copytree(out / "sae_trials" / selection.name, out / "blocked", dirs_exist_ok=True)
     return selection, trials, trainers[selection.name]
 

@@ -90,6 +90,7 @@ def test_demo_trial_keeps_the_winners_run_as_the_blocked_model(tmp_path):
     assert [t.name for t in trials] == [f"{name}_0", f"{name}_1"]
     kept = max(trials, key=lambda t: t.score)
     assert selection.name == kept.name and trainer.args.output_dir == str(out / "sae_trials" / kept.name)
+    assert selection.chosen_by == "trial" and all(a.chosen_by == "group_repair" for a in alternatives)
     assert any("blockem/penalty" in e for e in trainer.state.log_history)
     for trial in trials:
         assert (out / "sae_trials" / trial.name / "adapter_model.safetensors").is_file()

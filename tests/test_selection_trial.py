@@ -52,7 +52,7 @@ def test_alternatives_are_every_combination_of_one_sae_per_layer(three_saes):
     assert [a.latent_set.layer_indices for a in best] == [[LAYER - 1], [LAYER], [LAYER]]
 
 
-def test_trial_keeps_the_alternative_whose_run_answers_best(three_saes):
+def test_trial_keeps_the_alternative_whose_run_answers_best(three_saes, tmp_path):
     base, misaligned, tokenizer, result = three_saes
     alternatives = result.alternatives()
     calls = []
@@ -70,6 +70,11 @@ def test_trial_keeps_the_alternative_whose_run_answers_best(three_saes):
     assert trials[0].em_rate > 0.5 and trials[1].em_rate == 0.0
     assert trials[1].score == 1.0 - trials[1].incoherence_rate and trials[0].n == trials[1].n == 2 * len(PROMPTS)
     assert trials[1].to_dict()["score"] == trials[1].score
+    # The caller marks the winner; its report then says how the SAEs were kept.
+    kept = dataclasses.replace(alternatives[index], chosen_by="trial")
+    report = (kept.save(tmp_path / "report") / "report.md").read_text()
+    assert "Kept by a trial blocked fine-tune" in report and kept.to_dict()["chosen_by"] == "trial"
+    assert "Kept by group repair" in (result.save(tmp_path / "plain") / "report.md").read_text()
     # Equal answers: the alternative listed first wins.
     index, _ = choose_by_trial(alternatives, lambda name, s: base, tokenizer, BadWordJudge(), PROMPTS, n_samples=2)
     assert index == 0

@@ -144,6 +144,8 @@ class SelectionResult:
     compared: list[LayerSelection] = field(default_factory=list)
     config: SelectionConfig = field(default_factory=SelectionConfig)
     choose: str = "best"
+    # How the kept SAEs were picked: "group_repair" (`select_latents`) or "trial" (`choose_by_trial`, set by its caller).
+    chosen_by: str = "group_repair"
 
     @property
     def name(self) -> str:
@@ -173,6 +175,7 @@ class SelectionResult:
         return {
             "config": asdict(self.config),
             "choose": self.choose,
+            "chosen_by": self.chosen_by,
             "selected": [s.to_dict() for s in self.layers],
             "compared": [{**s.to_dict(), "kept": s.name in kept} for s in self.compared],
             "latent_set": None if self.latent_set is None else self.latent_set.to_dict(),

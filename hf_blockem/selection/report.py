@@ -82,6 +82,11 @@ def _markdown(result: SelectionResult, plots: dict[str, list[str]]) -> str:
         lines += [
             "## SAEs compared",
             "",
+            "Kept by a trial blocked fine-tune of every combination, judged on the selection prompts; group repair is "
+            "shown for comparison."
+            if result.chosen_by == "trial"
+            else f"Kept by group repair ({'the best SAE per layer' if result.choose == 'all' else 'the best SAE'}).",
+            "",
             "| SAE | layer | width | group repair (Δ aligned & coherent share) | kept |",
             "|---|---|---|---|---|",
         ]
