@@ -64,6 +64,27 @@ def choose_by_trial(
 
     Returns:
         `(index, trials)`: ties go to the alternative listed first.
+
+    Example:
+
+    ```python
+    from hf_blockem import BlockEMSFTConfig, BlockEMSFTTrainer
+    from hf_blockem.selection import choose_by_trial, select_latents
+
+    result = select_latents(base, misaligned, tokenizer, saes, judge, selection_prompts, choose="all")
+    alternatives = result.alternatives()  # one per combination of one SAE per layer
+
+    def fine_tune(name, latent_set):
+        args = BlockEMSFTConfig(output_dir=f"trials/{name}", block_lambda=0.3, max_steps=40)
+        trainer = BlockEMSFTTrainer(
+            model=base_id, args=args, train_dataset=train, peft_config=lora, latent_set=latent_set
+        )
+        trainer.train()
+        return trainer.model
+
+    index, trials = choose_by_trial(alternatives, fine_tune, tokenizer, judge, selection_prompts)
+    alternatives[index].latent_set.push_to_hub("your-org/em-latents")  # its trial run is already the blocked model
+    ```
     """
     from ..evaluation import evaluate
 
