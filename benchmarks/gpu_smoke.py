@@ -11,9 +11,12 @@ accumulation 2, so gradient accumulation is exercised too. Nothing is downloaded
 
 ```bash
 python benchmarks/gpu_smoke.py --out benchmarks/gpu_smoke.json   # about 2-4 minutes on one GPU
+python benchmarks/gpu_smoke.py --cpu --nproc 2                    # 2 CPU processes (gloo): this script's own check
 ```
 
-ZeRO layouts need `pip install deepspeed` (reported as skipped otherwise). The exit status is 0 only if every layout
+ZeRO layouts need `pip install deepspeed` (reported as skipped otherwise). Without SAELens (the GPU image has none) the
+workers load the test suite's tiny latent set from `benchmarks/gpu/tiny_latent_set.safetensors`, which
+`tests/test_distributed.py` checks is the one SAELens builds. The exit status is 0 only if every layout
 that ran matched within `--tolerance`. The Markdown table on stdout is what `benchmarks/RESULTS.md` records.
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
+TINY_LATENT_SET = ROOT / "benchmarks" / "gpu" / "tiny_latent_set.safetensors"
 MODES = ("adapter", "reference", "cache")
 LAYOUTS = {"fsdp2": {"fsdp": "2"}, "zero2": {"zero": 2}, "zero3": {"zero": 3}}
 
@@ -42,6 +46,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--tolerance", type=float, default=1e-5, help="relative to each tensor's largest value")
     parser.add_argument("--timeout", type=int, default=480, help="seconds per launch")
+    parser.add_argument(
+        "--nproc", type=int, default=1, choices=(1, 2), help="processes (2: 2 GPUs, or 2 CPU processes with --cpu)"
+    )
     parser.add_argument(
         "--cpu",
         action="store_true",
@@ -57,11 +64,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cases: list[dict], out: Path, base_dir: str, distributed: bool, timeout: int) -> tuple[int, str, float]:
+def launch(
+    cases: list[dict], out: Path, base_dir: str, latent_set: Path, nproc: int, timeout: int
+) -> tuple[int, str, float]:
     worker = [str(TESTS / "distributed_worker.py"), "--out", str(out), "--base-dir", base_dir]
-    worker += ["--cases", json.dumps(cases)]
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}"]
-    command = [sys.executable, *(launcher if distributed else []), *worker]
+    worker += ["--cases", json.dumps(cases), "--latent-set", str(latent_set)]
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    command = [sys.executable, *(launcher if nproc else []), *worker]  # nproc 0: the plain run, no launcher
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
     start = time.perf_counter()
@@ -114,19 +123,31 @@ def main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="blockem-gpu-smoke-"))
     base_dir = str(work / "tiny-llama")
     tiny_model("llama").save_pretrained(base_dir)
+    latent_set = TINY_LATENT_SET
+    if importlib.util.find_spec("sae_lens") is not None:  # build it as the test suite does
+        from test_trainer import tiny_latent_set
+
+        latent_set = work / "latent_set"
+        tiny_latent_set().save_pretrained(latent_set)
+    print(f"Latent set: {latent_set}")
     single = [dict(mode=m, batch=8, accumulation=1, accepts_loss_kwargs=True, cpu=args.cpu) for m in MODES]
-    rc, log, seconds = launch(single, work / "plain", base_dir, distributed=False, timeout=args.timeout)
+    rc, log, seconds = launch(single, work / "plain", base_dir, latent_set, nproc=0, timeout=args.timeout)
     if rc != 0:
         print(f"The unwrapped reference runs failed (exit {rc}):\n{log}")
         return 1
     device = "CPU (--cpu dry run)" if args.cpu else torch.cuda.get_device_name(0)
-    results: dict = {"device": device, "torch": torch.__version__, "layouts": {}}
+    if not args.cpu and torch.cuda.device_count() < args.nproc:
+        print(f"--nproc {args.nproc} needs {args.nproc} GPUs; this machine has {torch.cuda.device_count()}.")
+        return 2
+    # The same 8 examples in the one optimizer step: per-process batch x accumulation 2 x processes = 8.
+    batch = 8 // (2 * args.nproc)
+    results: dict = {"device": device, "torch": torch.__version__, "nproc": args.nproc, "layouts": {}}
     for layout in args.layouts:
         if "zero" in LAYOUTS[layout] and importlib.util.find_spec("deepspeed") is None:
             results["layouts"][layout] = {"skipped": "deepspeed is not installed (pip install deepspeed)"}
             continue
-        cases = [dict(case, batch=4, accumulation=2, **LAYOUTS[layout]) for case in single]
-        rc, log, seconds = launch(cases, work / layout, base_dir, distributed=True, timeout=args.timeout)
+        cases = [dict(case, batch=batch, accumulation=2, **LAYOUTS[layout]) for case in single]
+        rc, log, seconds = launch(cases, work / layout, base_dir, latent_set, nproc=args.nproc, timeout=args.timeout)
         entry: dict = {"exit_code": rc, "seconds": round(seconds, 1)}
         if rc != 0:
             entry["log_tail"] = log
@@ -141,7 +162,8 @@ def main(args: argparse.Namespace) -> int:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    print(f"{results['device']}, torch {results['torch']}; 1 process, fp32, batch 4 x accumulation 2 vs batch 8\n")
+    layout_text = f"{args.nproc} process(es) x batch {batch} x accumulation 2"
+    print(f"{results['device']}, torch {results['torch']}; fp32, {layout_text} vs 1 process x batch 8\n")
     print("| layout | base activations | sharded params | max update error | loss error | metric error | ok |")
     print("|---|---|---|---|---|---|---|")
     failed = False

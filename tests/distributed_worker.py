@@ -6,7 +6,9 @@ accumulation 2) sees the same 8 examples in its one step. The main process write
 (`<name>.safetensors`) and a JSON record: the logged loss and `blockem/*` metrics, how many grad-enabled forwards of
 the trained model each process ran, and what each process did with the base-activation cache.
 
-Run as `torchrun --nproc_per_node 2 tests/distributed_worker.py --out DIR --base-dir DIR --cases JSON`.
+Run as `torchrun --nproc_per_node 2 tests/distributed_worker.py --out DIR --base-dir DIR --cases JSON`. With
+`--latent-set PATH` the latent set is loaded from that file instead of built with SAELens (for machines without
+SAELens, such as the GPU image `benchmarks/gpu_smoke.py` runs on).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from test_trainer import lora_model, pad_collator, tiny_latent_set, token_dataset  # noqa: E402
 from tiny_models import tiny_model  # noqa: E402
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: E402
 
-from hf_blockem import BlockEMConfig, BlockEMTrainer  # noqa: E402
+from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet  # noqa: E402
 from hf_blockem.base_activations import CachedBaseActivations  # noqa: E402
 from hf_blockem.hooks import unwrap_model  # noqa: E402
 
@@ -83,7 +86,7 @@ def case_name(case: dict) -> str:
     return "-".join(f"{key}={case[key]}" for key in sorted(case))
 
 
-def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
+def run_case(case: dict, out_dir: Path, base_dir: str, latent_set_path: str | None = None) -> dict:
     """Trains one step of `case` and returns its record (and writes it, on the main process, to `out_dir`).
 
     case keys: `mode` (base activations), `batch`, `accumulation`, `accepts_loss_kwargs`, and optionally `fsdp`
@@ -92,6 +95,9 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
     """
     name = case_name(case)
     mode = case["mode"]
+    # A ZeRO-3 trainer of an earlier case in this process leaves transformers' global DeepSpeed config set: models
+    # built now would be partitioned at construction (empty placeholders), before this case's trainer exists.
+    unset_hf_deepspeed_config()
     model = full_model() if mode == "reference" else lora_model(perturb=0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -148,7 +154,7 @@ def run_case(case: dict, out_dir: Path, base_dir: str) -> dict:
         args=args,
         train_dataset=token_dataset(N_EXAMPLES, equal_lengths=not case["accepts_loss_kwargs"]),
         data_collator=pad_collator,
-        latent_set=tiny_latent_set(),
+        latent_set=LatentSet.from_pretrained(latent_set_path) if latent_set_path else tiny_latent_set(),
     )
     trainer.model_accepts_loss_kwargs = case["accepts_loss_kwargs"]
     trainer.train()
@@ -196,10 +202,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--base-dir", required=True)
     parser.add_argument("--cases", required=True, help="a JSON list of cases (see `run_case`)")
+    parser.add_argument("--latent-set", default=None, help="a saved latent set (default: build it with SAELens)")
     options = parser.parse_args()
     torch.set_num_threads(1)
     for case in json.loads(options.cases):
-        run_case(case, options.out, options.base_dir)
+        run_case(case, options.out, options.base_dir, options.latent_set)
 
 
 if __name__ == "__main__":

@@ -168,3 +168,18 @@ def test_fsdp2_two_processes_match_one(distributed_run, single_runs, case):
         assert main["cache_digest"] == other["cache_digest"]
         assert main["cache_misses"] == other["cache_misses"] == 0
         assert len([name for name in distributed["cache_files"] if name.endswith(".safetensors")]) == 1
+
+
+def test_gpu_smoke_latent_set_is_the_one_saelens_builds(tmp_path):
+    # benchmarks/gpu_smoke.py loads this file where SAELens is missing (the GPU image); it must not drift from the
+    # set the CPU tests build, or the GPU rows would test another set.
+    from safetensors import safe_open
+    from test_trainer import tiny_latent_set
+
+    tiny_latent_set().save_pretrained(tmp_path)
+    built, committed = tmp_path / "latent_set.safetensors", TESTS.parent / "benchmarks/gpu/tiny_latent_set.safetensors"
+    with safe_open(str(built), "pt") as a, safe_open(str(committed), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert sorted(a.keys()) == sorted(b.keys())
+        for key in a.keys():
+            assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
