@@ -116,6 +116,9 @@ def main(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available() and not args.cpu:
         print("No CUDA device: this smoke test exercises the GPU wrapping paths; run it on a GPU machine.")
         return 2
+    if not args.cpu and torch.cuda.device_count() < args.nproc:
+        print(f"--nproc {args.nproc} needs {args.nproc} GPUs; this machine has {torch.cuda.device_count()}.")
+        return 2
     sys.path[:0] = [str(TESTS), str(ROOT)]
     from distributed_worker import case_name
     from tiny_models import tiny_model
@@ -136,9 +139,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"The unwrapped reference runs failed (exit {rc}):\n{log}")
         return 1
     device = "CPU (--cpu dry run)" if args.cpu else torch.cuda.get_device_name(0)
-    if not args.cpu and torch.cuda.device_count() < args.nproc:
-        print(f"--nproc {args.nproc} needs {args.nproc} GPUs; this machine has {torch.cuda.device_count()}.")
-        return 2
     # The same 8 examples in the one optimizer step: per-process batch x accumulation 2 x processes = 8.
     batch = 8 // (2 * args.nproc)
     results: dict = {"device": device, "torch": torch.__version__, "nproc": args.nproc, "layouts": {}}

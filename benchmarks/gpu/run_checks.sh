@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu/fetch_wheels.sh
 # then one device call, with .whl carried:
 #   run(command="bash benchmarks/gpu/run_checks.sh", carry=[".whl"], timeout_s=590)
-# `bash benchmarks/gpu/run_checks.sh --cpu` is the dry run on a CPU machine (small overhead config, FSDP2 rows only);
-# PYTHON and WHL (the wheel folder) can be set for it.
+# `bash benchmarks/gpu/run_checks.sh --cpu` is the dry run on a CPU machine (small overhead config; gpu_smoke.py --cpu,
+# FSDP2 through the test worker's CPU shim, ZeRO on DeepSpeed's CPU accelerator); PYTHON and WHL (the wheel folder)
+# can be set for it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON="${PYTHON:-python3}"
