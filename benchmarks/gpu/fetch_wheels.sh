@@ -2,7 +2,8 @@
 # Download the wheels the device machine lacks (wheels.txt) into .whl/ at the repo root, for its Python.
 #   bash benchmarks/gpu/fetch_wheels.sh            # Python 3.12, the device image's
 #   bash benchmarks/gpu/fetch_wheels.sh 3.11 DIR   # another Python / folder (to try the set on this machine)
-# Needs pip and network access to PyPI; run it here, then carry .whl (see run_checks.sh).
+# Needs network access to PyPI and the project venv (.venv, made by `make test`: its torch builds DeepSpeed's wheel);
+# run it here, then carry .whl (see run_checks.sh).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY_VERSION="${1:-3.12}"
