@@ -78,6 +78,11 @@ def launch(cases: list[dict], out: Path, base_dir: str) -> subprocess.CompletedP
     )
 
 
+def launch_ok(cases: list[dict], out: Path, base_dir: str) -> None:
+    result = launch(cases, out, base_dir)
+    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+
+
 def read_result(out: Path, case: dict) -> tuple[dict, dict[str, torch.Tensor]]:
     name = case_name(case)
     return json.loads((out / f"{name}.json").read_text()), load_file(str(out / f"{name}.safetensors"))
@@ -94,8 +99,7 @@ def base_dir(tmp_path_factory) -> str:
 def distributed_run(tmp_path_factory, base_dir) -> Path:
     # One launch for every case: starting two processes costs more than all the training steps together.
     out = tmp_path_factory.mktemp("distributed")
-    result = launch(DDP_CASES + FSDP_CASES, out, base_dir)
-    assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+    launch_ok(DDP_CASES + FSDP_CASES, out, base_dir)
     return out
 
 
@@ -104,8 +108,7 @@ def zero_runs(tmp_path_factory, base_dir) -> Path:
     pytest.importorskip("deepspeed", reason="DeepSpeed is installed by `make test-slow`")
     out = tmp_path_factory.mktemp("zero")
     for stage in ZERO_STAGES:  # one launch per stage: accelerate keeps one DeepSpeed plugin per process
-        result = launch([case for case in ZERO_CASES if case["zero"] == stage], out, base_dir)
-        assert result.returncode == 0, f"torchrun failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
+        launch_ok([case for case in ZERO_CASES if case["zero"] == stage], out, base_dir)
     return out
 
 
@@ -139,6 +142,15 @@ def assert_same_step(single: dict, distributed: dict, updates: dict[str, torch.T
     assert distributed["metrics"].keys() == single["metrics"].keys()
     for key, value in single["metrics"].items():
         assert distributed["metrics"][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
+
+
+def assert_cache_built_together(distributed: dict) -> None:
+    # Sharded (FSDP, DeepSpeed), every forward is a collective: both processes build together, one of them writes.
+    main, other = distributed["processes"]
+    assert main["cache_built"] and other["cache_built"]
+    assert main["cache_digest"] == other["cache_digest"]
+    assert main["cache_misses"] == other["cache_misses"] == 0
+    assert len([name for name in distributed["cache_files"] if name.endswith(".safetensors")]) == 1
 
 
 @pytest.mark.parametrize("case", DDP_CASES, ids=case_name)
@@ -175,12 +187,7 @@ def test_fsdp2_two_processes_match_one(distributed_run, single_runs, case):
     for process in distributed["processes"]:
         assert process["forwards_with_grad"] == case["accumulation"]
     if case["mode"] == "cache":
-        # Sharded, every forward is a collective: both processes build together, one of them writes.
-        main, other = distributed["processes"]
-        assert main["cache_built"] and other["cache_built"]
-        assert main["cache_digest"] == other["cache_digest"]
-        assert main["cache_misses"] == other["cache_misses"] == 0
-        assert len([name for name in distributed["cache_files"] if name.endswith(".safetensors")]) == 1
+        assert_cache_built_together(distributed)
 
 
 @pytest.mark.slow
@@ -195,10 +202,7 @@ def test_deepspeed_zero_two_processes_match_one(zero_runs, single_runs, case):
     for process in distributed["processes"]:
         assert process["forwards_with_grad"] == case["accumulation"]
     if case["mode"] == "cache":
-        main, other = distributed["processes"]
-        assert main["cache_built"] and other["cache_built"]  # sharded or not, DeepSpeed builds on every process
-        assert main["cache_digest"] == other["cache_digest"]
-        assert main["cache_misses"] == other["cache_misses"] == 0
+        assert_cache_built_together(distributed)  # ZeRO-2 too: the library treats any DeepSpeed run as sharded
 
 
 def test_gpu_smoke_latent_set_is_the_one_saelens_builds(tmp_path):
