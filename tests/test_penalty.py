@@ -1,5 +1,7 @@
 import torch
+from tiny_models import HIDDEN, tiny_sae
 
+from hf_blockem import LatentSet
 from hf_blockem.penalty import block_penalty_sum, loss_token_mask, one_sided_excess
 
 
@@ -32,6 +34,32 @@ def test_half_precision_inputs_are_computed_in_fp32_and_stay_finite():
     assert penalty.item() > 65504
     z16 = torch.tensor([[300.0]], dtype=torch.float16)
     assert block_penalty_sum(z16, torch.zeros_like(z16), torch.tensor([1.0])).item() == 90000.0
+
+
+def test_bf16_activations_near_the_base_do_not_cancel():
+    # A bf16 model's hidden states a small step away from the base's: the regime at the start of training, where
+    # encoding and subtracting in bf16 would lose the difference. Our path (encode, subtract, square in fp32) must
+    # agree with a float64 computation on the same bf16 inputs, and give exactly 0 on identical inputs.
+    blocked = LatentSet.from_sae(tiny_sae(), plus=[1, 5, 9], minus=[7, 12], layer=1, base_model="tiny").layers[0]
+    g = torch.Generator().manual_seed(0)
+    base = (4 * torch.randn(256, HIDDEN, generator=g)).bfloat16()
+    moved = (base.float() + 0.05 * torch.randn(256, HIDDEN, generator=g)).bfloat16()
+    signs = blocked.signs
+
+    assert block_penalty_sum(blocked.encode(base), blocked.encode(base), signs).item() == 0.0
+
+    def encode64(x):
+        pre = (x.double() - blocked.b_dec.double()) @ blocked.W_enc.double() + blocked.b_enc.double()
+        return torch.relu(pre)
+
+    exact = torch.relu((encode64(moved) - encode64(base)) * signs.double()).square().sum().item()
+    ours = block_penalty_sum(blocked.encode(moved), blocked.encode(base), signs).item()
+    assert exact > 0 and abs(ours - exact) <= 1e-5 * exact
+    # What the fp32 path protects against: the same computation in bf16 is off by far more.
+    b_dec, W_enc, b_enc = (t.bfloat16() for t in (blocked.b_dec, blocked.W_enc, blocked.b_enc))
+    z16, z16_base = (torch.relu((x - b_dec) @ W_enc + b_enc) for x in (moved, base))
+    naive = torch.relu((z16 - z16_base) * signs.bfloat16()).square().sum().float().item()
+    assert abs(naive - exact) > 100 * abs(ours - exact)
 
 
 def test_mask_honours_labels_padding_and_first_token():

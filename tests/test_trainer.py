@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from datasets import Dataset
@@ -295,7 +298,20 @@ def test_evaluate_logs_penalty_with_eval_prefix(tmp_path):
 
 
 def _hook_count(model):
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _assert_released(trainer, model, hooks_before):
+    """No hook left on the model and no activation held; the model still pickles, deep-copies and generates."""
+    assert _hook_count(model) == hooks_before
+    capture = trainer._blockem_capture
+    assert not capture.attached and capture._captured is None and not capture._modules
+    assert pickle.loads(pickle.dumps(model)) is not None  # a left-over hook closure does not pickle
+    copied = copy.deepcopy(model)
+    prompt = torch.tensor([[1, 7, 8]])
+    expected = model.generate(prompt, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False, use_cache=True), expected)
+    assert torch.equal(copied.generate(prompt, max_new_tokens=3, do_sample=False, use_cache=True), expected)
 
 
 def test_no_hook_left_after_train_evaluate_exception_and_generate(tmp_path):
@@ -303,9 +319,9 @@ def test_no_hook_left_after_train_evaluate_exception_and_generate(tmp_path):
     before = _hook_count(model)
     trainer = make_trainer(tmp_path, model)
     trainer.train()
-    assert _hook_count(model) == before
+    _assert_released(trainer, model, before)
     trainer.evaluate(token_dataset(4))
-    assert _hook_count(model) == before
+    _assert_released(trainer, model, before)
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -315,9 +331,70 @@ def test_no_hook_left_after_train_evaluate_exception_and_generate(tmp_path):
     failing.add_callback(Boom())
     with pytest.raises(RuntimeError, match="boom"):
         failing.train()
-    assert _hook_count(model) == before
-    model.generate(torch.tensor([[1, 7, 8]]), max_new_tokens=2, do_sample=False)
-    assert _hook_count(model) == before
+    _assert_released(failing, model, before)
+
+
+# ---- torch.compile ----------------------------------------------------------------------------------------------
+
+
+class _AddLayerAtStep2(TrainerCallback):
+    """Adaptive re-blocking at a new layer mid-run (its hook is registered after the first compile), and a record of
+    the forward hooks on the decoder layers and of the compiled graphs after every step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.hooks, self.graphs = trainer, [], []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from torch._dynamo.utils import counters
+
+        if state.global_step == 2:
+            self.trainer.add_blocked_latents(tiny_sae(seed=3), plus=[2, 4], minus=[6], layer=0)
+        layers = get_decoder_layers(self.trainer.model)
+        self.hooks.append([len(layer._forward_hooks) for layer in layers])
+        self.graphs.append(counters["stats"]["unique_graphs"])
+
+
+def _compiled_or_eager_run(tmp_path, compile: bool):
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = lora_model(perturb=0.5)
+    # aot_eager runs Dynamo and AOTAutograd (where hooks, guards and side effects are handled) without Inductor's
+    # code generation, so the test takes seconds.
+    compile_args = {"torch_compile": True, "torch_compile_backend": "aot_eager"} if compile else {}
+    trainer = make_trainer(
+        tmp_path,
+        model,
+        train_dataset=token_dataset(16),
+        per_device_train_batch_size=2,
+        max_steps=6,
+        block_lambda=5.0,
+        **compile_args,
+    )
+    recorder = _AddLayerAtStep2(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    return trainer, recorder, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
+    eager, _, eager_params = _compiled_or_eager_run(tmp_path / "eager", compile=False)
+    compiled, recorder, compiled_params = _compiled_or_eager_run(tmp_path / "compiled", compile=True)
+    assert type(compiled.model_wrapped).__name__ == "OptimizedModule"
+
+    def penalties(trainer, key):
+        return [e[key] for e in trainer.state.log_history if key in e]
+
+    # The penalty under compile equals eager's, also at the layer added (with a new hook) after compilation.
+    for key in ("blockem/penalty", "blockem/layer_1/penalty", "blockem/layer_0/penalty"):
+        assert penalties(compiled, key) == pytest.approx(penalties(eager, key), rel=1e-5), key
+    assert len(penalties(compiled, "blockem/layer_0/penalty")) == 4 and penalties(compiled, "blockem/penalty")[0] > 0
+    assert_updates_close(eager_params, compiled_params, rel=1e-5)
+    # Hooks are registered once per watched layer while training, not per step; removed afterwards.
+    assert recorder.hooks[0] == [0, 1, 0, 0] and all(counts == [1, 1, 0, 0] for counts in recorder.hooks[1:])
+    assert _hook_count(compiled.model) == _hook_count(lora_model())
+    # No recompile storm: after the recompilations for a new sequence length and for the added layer, steps reuse
+    # the compiled graphs.
+    assert recorder.graphs[3] == recorder.graphs[4] == recorder.graphs[5] > 0
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
