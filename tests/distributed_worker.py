@@ -90,8 +90,8 @@ def run_case(case: dict, out_dir: Path, base_dir: str, latent_set_path: str | No
     """Trains one step of `case` and returns its record (and writes it, on the main process, to `out_dir`).
 
     case keys: `mode` (base activations), `batch`, `accumulation`, `accepts_loss_kwargs`, and optionally `fsdp`
-    (`"2"` for FSDP2), `zero` (a DeepSpeed ZeRO stage), `gradient_checkpointing` and `cpu` (default true; false runs
-    on the GPU, as `benchmarks/gpu_smoke.py` does).
+    (`"2"` for FSDP2), `zero` (a DeepSpeed ZeRO stage), `gradient_checkpointing`, `block_lambda` and `cpu` (default
+    true; false runs on the GPU, as `benchmarks/gpu_smoke.py` does).
     """
     name = case_name(case)
     mode = case["mode"]
@@ -135,7 +135,7 @@ def run_case(case: dict, out_dir: Path, base_dir: str, latent_set_path: str | No
         learning_rate=1.0,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        block_lambda=BLOCK_LAMBDA,
+        block_lambda=case.get("block_lambda", BLOCK_LAMBDA),
         base_activations=mode,
         base_model_name_or_path=base_dir if mode == "reference" else None,
         base_activations_cache_dir=str(out_dir / "cache" / name),

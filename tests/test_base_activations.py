@@ -104,6 +104,28 @@ def test_three_modes_give_the_same_z_base_and_penalty_shuffled_or_not(tmp_path, 
         assert penalty["cache"] == pytest.approx(penalty["adapter"], rel=1e-5)
 
 
+def test_right_left_and_packed_layouts_give_the_same_penalty(tmp_path):
+    # The same rows laid out three ways give the same tokens to penalise and the same per-token penalty (RoPE is
+    # relative, so left padding's shifted positions change only rounding).
+    rows = [token_dataset(8)[i] for i in (0, 3, 5, 6)]
+    trainer = trainer_for(tmp_path, lora_model(perturb=0.5), token_dataset(8), base_activations="adapter")
+    counts, penalties = {}, {}
+    for name, collator in {"right": pad_collator, "left": left_pad_collator, "packed": packed_collator}.items():
+        batch = collator(rows)
+        counts[name] = int(
+            loss_token_mask(
+                batch["labels"], batch.get("attention_mask"), batch.get("position_ids"), batch["input_ids"], 1
+            ).sum()
+        )
+        penalties[name] = penalty_of(trainer, batch)
+    assert counts["left"] == counts["packed"] == counts["right"] == sum(
+        sum(label != -100 for label in row["labels"][1:]) for row in rows
+    )
+    assert penalties["right"] > 0
+    assert penalties["left"] == pytest.approx(penalties["right"], rel=1e-5)
+    assert penalties["packed"] == pytest.approx(penalties["right"], rel=1e-5)
+
+
 def test_sequence_spans_for_padding_sides_and_padding_free_packing():
     ids = torch.arange(12).reshape(2, 6)
     right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])

@@ -44,6 +44,10 @@ DDP_CASES = [distributed_case(mode, accepts) for mode in MODES for accepts in LO
     distributed_case("adapter", True, gradient_checkpointing=True)
 ]
 FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES]
+# 2 processes x per-device batch 4 (no accumulation), with and without the penalty: the difference is the penalty's
+# gradient alone.
+TWO_TIMES_FOUR = dict(mode="adapter", batch=4, accumulation=1, accepts_loss_kwargs=True)
+PENALTY_ALONE_CASES = [TWO_TIMES_FOUR, {**TWO_TIMES_FOUR, "block_lambda": 0.0}]
 ZERO_STAGES = (2, 3)
 ZERO_CASES = [distributed_case(mode, True, zero=stage) for stage in ZERO_STAGES for mode in MODES]
 
@@ -99,7 +103,8 @@ def base_dir(tmp_path_factory) -> str:
 def distributed_run(tmp_path_factory, base_dir) -> Path:
     # One launch for every case: starting two processes costs more than all the training steps together.
     out = tmp_path_factory.mktemp("distributed")
-    launch_ok(DDP_CASES + FSDP_CASES, out, base_dir)
+    # FSDP cases last: the FSDP settings they leave in the process environment would wrap later cases' models.
+    launch_ok(DDP_CASES + PENALTY_ALONE_CASES + FSDP_CASES, out, base_dir)
     return out
 
 
@@ -165,6 +170,16 @@ def test_two_processes_match_one(distributed_run, single_runs, case):
     for process, expected in zip(distributed["processes"], base_passes, strict=True):
         assert process["forwards_with_grad"] == case["accumulation"]
         assert process["forwards_without_grad"] == expected
+
+
+def test_two_processes_times_batch_4_match_one_and_so_does_the_penalty_alone(distributed_run, single_runs):
+    (with_penalty, updates), (_, updates_ce) = (read_result(distributed_run, case) for case in PENALTY_ALONE_CASES)
+    single, single_ce = (single_runs(case) for case in PENALTY_ALONE_CASES)
+    assert_same_step(single, with_penalty, updates)
+    penalty_alone = {name: updates[name] - updates_ce[name] for name in updates}
+    expected = {name: single["updates"][name] - single_ce["updates"][name] for name in single["updates"]}
+    assert max(value.abs().max().item() for value in expected.values()) > 1e-4  # the penalty does contribute
+    assert_updates_close(expected, penalty_alone)
 
 
 @pytest.mark.parametrize("accepts_loss_kwargs", LOSS_KWARGS)
