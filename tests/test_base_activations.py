@@ -118,8 +118,11 @@ def test_right_left_and_packed_layouts_give_the_same_penalty(tmp_path):
             ).sum()
         )
         penalties[name] = penalty_of(trainer, batch)
-    assert counts["left"] == counts["packed"] == counts["right"] == sum(
-        sum(label != -100 for label in row["labels"][1:]) for row in rows
+    assert (
+        counts["left"]
+        == counts["packed"]
+        == counts["right"]
+        == sum(sum(label != -100 for label in row["labels"][1:]) for row in rows)
     )
     assert penalties["right"] > 0
     assert penalties["left"] == pytest.approx(penalties["right"], rel=1e-5)

@@ -287,6 +287,37 @@ def test_lambda_warmup_ramps_linearly(tmp_path):
     assert lambdas == [0.0, 2.0, 4.0, 6.0]
 
 
+def test_lambda_warmup_and_losses_continue_across_a_resume(tmp_path):
+    def run(output_dir, max_steps, resume=None):
+        trainer = make_trainer(
+            output_dir,
+            lora_model(perturb=0.5),
+            train_dataset=token_dataset(12),
+            per_device_train_batch_size=2,
+            max_steps=max_steps,
+            block_lambda=8.0,
+            block_warmup_steps=4,
+            save_strategy="steps",
+            save_steps=3,
+            lr_scheduler_type="constant",  # the interrupted run has max_steps=3: the same schedule either way
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return {
+            e["step"]: (e["blockem/lambda"], e["loss"], e["blockem/penalty"])
+            for e in trainer.state.log_history
+            if "loss" in e
+        }
+
+    uninterrupted = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 3)
+    resumed = run(tmp_path / "b", 6, resume=str(tmp_path / "b" / "out" / "checkpoint-3"))
+    assert [uninterrupted[step][0] for step in range(1, 7)] == [0.0, 2.0, 4.0, 6.0, 8.0, 8.0]
+    assert sorted(resumed) == list(range(1, 7))
+    for step, (lam, loss, penalty) in resumed.items():
+        assert lam == uninterrupted[step][0], step
+        assert (loss, penalty) == pytest.approx(uninterrupted[step][1:], rel=1e-6), step
+
+
 def test_evaluate_logs_penalty_with_eval_prefix(tmp_path):
     trainer = make_trainer(tmp_path, lora_model(perturb=0.5))
     metrics = trainer.evaluate(token_dataset(4, seed=1))
