@@ -105,6 +105,22 @@ def hidden_state_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
+def tokens_at_mask(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`hidden[mask]`: the activations `[n_tokens, d]` of the tokens a `[batch, seq]` mask selects.
+
+    Prompt-learning adapters (PEFT prompt tuning, p-tuning) prepend virtual tokens inside the model's forward, so a
+    decoder layer sees `seq + n_virtual` positions; the batch's real tokens are the last `seq` of them.
+    """
+    extra = hidden.shape[1] - mask.shape[1]
+    if extra < 0 or hidden.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"Expected decoder-layer activations of shape [{mask.shape[0]}, >= {mask.shape[1]}, d] for a token mask "
+            f"of shape {list(mask.shape)}, received {list(hidden.shape)}. The hooked module must be a decoder layer "
+            "of the model that ran on this batch."
+        )
+    return hidden[:, extra:][mask]
+
+
 class StopForward(Exception):
     """Raised by a capture hook to end a forward pass once the deepest layer it needs has run."""
 
@@ -280,4 +296,4 @@ def iter_masked_hidden_states(
                 attention_mask=attention_mask.to(device),
                 use_cache=False,
             )
-            yield {layer: value[mask] for layer, value in hidden.items()}
+            yield {layer: tokens_at_mask(value, mask) for layer, value in hidden.items()}

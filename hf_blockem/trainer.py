@@ -15,7 +15,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_base_activations
-from .hooks import ActivationCapture, unwrap_model
+from .hooks import ActivationCapture, tokens_at_mask, unwrap_model
 from .hub import LATENT_SET_SUBFOLDER, check_strict_latent_set
 from .latent_set import LATENT_SET_FILENAME, LatentSet
 from .penalty import block_penalty_sum, loss_token_mask
@@ -185,7 +185,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
         penalty_sum = loss.new_zeros((), dtype=torch.float32)
         stats = []
         for blocked in self.latent_set.layers:
-            z = blocked.encode(hidden[blocked.layer][mask])
+            z = blocked.encode(tokens_at_mask(hidden[blocked.layer], mask))
             layer_sum = block_penalty_sum(z, z_base[blocked.layer], blocked.signs)
             penalty_sum = penalty_sum + layer_sum
             stats.append((blocked, z.detach(), z_base[blocked.layer], layer_sum.detach()))

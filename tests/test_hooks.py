@@ -14,6 +14,7 @@ from hf_blockem.hooks import (
     find_decoder_layers,
     get_decoder_layers,
     run_until_layer,
+    tokens_at_mask,
     unwrap_model,
 )
 
@@ -165,3 +166,14 @@ def test_eval_mode_restores_each_module_flag():
         assert not any(m.training for m in model.modules())
     assert model.training and not model.lm_head.training
     assert get_decoder_layers(model)[0].training
+
+
+def test_tokens_at_mask_skips_prepended_virtual_tokens_and_refuses_other_shapes():
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    assert torch.equal(tokens_at_mask(hidden[:, 2:], mask), hidden[:, 2:][mask])  # no virtual tokens
+    assert torch.equal(tokens_at_mask(hidden, mask), hidden[:, 2:][mask])  # 2 prepended ones
+    with pytest.raises(ValueError, match=r"shape \[2, >= 3, d\].*received \[2, 2, 3\]"):
+        tokens_at_mask(hidden[:, :2], mask)
+    with pytest.raises(ValueError, match="received \\[1, 5, 3\\]"):
+        tokens_at_mask(hidden[:1], mask)

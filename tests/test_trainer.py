@@ -22,6 +22,7 @@ from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
 from hf_blockem import BlockEMConfig, BlockEMSFTConfig, BlockEMSFTTrainer, BlockEMTrainer, LatentSet
 from hf_blockem.hooks import get_decoder_layers
+from hf_blockem.penalty import block_penalty_sum, loss_token_mask
 
 LAYER = 1
 
@@ -153,6 +154,34 @@ def test_base_activations_ignore_perturbed_adapters_and_dropout(tmp_path):
     assert torch.equal(base[LAYER], hidden_at(pristine, inputs, LAYER))
     assert model.training  # the training flags come back after the eval-mode base pass
     assert not torch.equal(hidden_at(model.eval(), inputs, LAYER), base[LAYER])  # the adapters do change things
+
+
+@pytest.mark.parametrize("tuner", ["prompt_tuning", "prefix_tuning"])
+def test_prompt_learning_adapters_base_pass_and_penalty(tmp_path, tuner):
+    # Prompt tuning prepends virtual tokens inside the forward (the layers see 3 more positions than the batch);
+    # prefix tuning adds past key values. The base pass must drop them, the penalty must read the real tokens.
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    config_cls = PromptTuningConfig if tuner == "prompt_tuning" else PrefixTuningConfig
+    model = get_peft_model(tiny_model("llama"), config_cls(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=3))
+    trainer = make_trainer(tmp_path, model, block_lambda=5.0)
+    batch = pad_collator([token_dataset()[i] for i in range(4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with trainer._blockem_hooks() as capture:
+        base = trainer._blockem_base.hidden_states(model, capture, inputs)[LAYER]
+    assert torch.equal(base, hidden_at(tiny_model("llama"), inputs, LAYER))
+
+    trained = hidden_at(model.eval(), inputs, LAYER)  # the prompt is active again after the base pass
+    assert trained.shape[1] == base.shape[1] + (3 if tuner == "prompt_tuning" else 0)
+    mask = loss_token_mask(batch["labels"], batch["attention_mask"], input_ids=batch["input_ids"], bos_token_id=1)
+    blocked = trainer.latent_set.layers[0]
+    z, z_base = blocked.encode(trained[:, -mask.shape[1] :][mask]), blocked.encode(base[mask])
+    expected = (block_penalty_sum(z, z_base, blocked.signs) / mask.sum()).item()
+    trainer.compute_loss(model.train(), dict(batch))
+    assert expected > 0
+    assert trainer._blockem_metrics["train"]["blockem/penalty"] == [pytest.approx(expected, rel=1e-5)]
+    trainer.train()  # and a whole run trains the prompt
+    assert trainer.state.log_history[-1]["train_loss"] > 0
 
 
 # ---- training -----------------------------------------------------------------------------------------------

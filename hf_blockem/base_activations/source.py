@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hooks import ActivationCapture
+from ..hooks import ActivationCapture, tokens_at_mask
 from ..latent_set import LatentSet
 
 # Batch key under which the cache collator hands precomputed z_base to `compute_loss`. The values travel as the int32
@@ -74,4 +74,7 @@ class OnTheFlyBaseActivations(BaseActivations):
         # reuses, and a buffer first written under inference mode cannot be updated in place outside it.
         with torch.no_grad():
             hidden = self.hidden_states(model, capture, forward_inputs(inputs))
-            return {blocked.layer: blocked.encode(hidden[blocked.layer][mask]) for blocked in self.latent_set.layers}
+            return {
+                blocked.layer: blocked.encode(tokens_at_mask(hidden[blocked.layer], mask))
+                for blocked in self.latent_set.layers
+            }
