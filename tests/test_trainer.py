@@ -21,7 +21,7 @@ from tiny_models import (
 from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
 from hf_blockem import BlockEMConfig, BlockEMSFTConfig, BlockEMSFTTrainer, BlockEMTrainer, LatentSet
-from hf_blockem.hooks import get_decoder_layers
+from hf_blockem.hooks import get_decoder_layers, hidden_state_of
 from hf_blockem.penalty import block_penalty_sum, loss_token_mask
 
 LAYER = 1
@@ -294,6 +294,23 @@ def test_gradient_checkpointing_gives_the_same_penalty_gradients(tmp_path, reent
     # Exactly one capture per micro-step: the logged penalty is identical with checkpointing on and off.
     assert trainer.state.log_history[0]["blockem/penalty"] == plain_trainer.state.log_history[0]["blockem/penalty"]
     assert trainer.state.log_history[0]["blockem/penalty"] > 0
+    # The penalty's own gradient (the difference with a λ = 0 run) reaches every layer up to the hooked one, and
+    # only those, with checkpointing as without.
+    plain_ce, _ = one_step_update(tmp_path / "plain0", 4, 1, block_lambda=0.0, gradient_checkpointing=False)
+    checkpointed_ce, _ = one_step_update(
+        tmp_path / "gc0",
+        4,
+        1,
+        block_lambda=0.0,
+        gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
+    )
+    penalty_plain = {name: plain[name] - plain_ce[name] for name in plain}
+    penalty_checkpointed = {name: checkpointed[name] - checkpointed_ce[name] for name in checkpointed}
+    assert_updates_close(penalty_plain, penalty_checkpointed)
+    for layer in range(4):
+        moved = max(v.abs().max().item() for n, v in penalty_checkpointed.items() if f"layers.{layer}." in n)
+        assert (moved > 1e-4) == (layer <= LAYER), layer
 
 
 def test_all_masked_micro_batch_gives_zero_and_gradients_everywhere(tmp_path):
@@ -392,6 +409,28 @@ def test_no_hook_left_after_train_evaluate_exception_and_generate(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         failing.train()
     _assert_released(failing, model, before)
+
+
+def test_latent_set_tensors_stay_off_the_module_tree(tmp_path):
+    # ZeRO-3 partitions every parameter and buffer registered on the model, and FSDP shards them: the latent set's
+    # encoder must not become one. Training leaves the model's parameters and buffers exactly as they were.
+    model = lora_model(perturb=0.5)
+    names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    trainer = make_trainer(tmp_path, model)
+    trainer.train()
+    blocked = trainer.latent_set.layers[0]
+    storages = {t.untyped_storage().data_ptr() for t in (blocked.W_enc, blocked.b_enc, blocked.b_dec)}
+    for module in (model, trainer.model_wrapped):
+        after = {name for name, _ in module.named_parameters()} | {name for name, _ in module.named_buffers()}
+        assert after == names
+        assert not storages & {t.untyped_storage().data_ptr() for t in module.state_dict().values()}
+
+
+def test_hidden_state_of_tensor_and_tuple_outputs():
+    # transformers >= 5 decoder layers return the hidden state; older ones a tuple that starts with it.
+    hidden = torch.randn(2, 3, 4)
+    assert hidden_state_of(hidden) is hidden
+    assert hidden_state_of((hidden, None)) is hidden
 
 
 # ---- torch.compile ----------------------------------------------------------------------------------------------
