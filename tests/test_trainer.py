@@ -232,6 +232,35 @@ def test_sft_trainer_trains_lora_only_and_penalty_grows_once_latents_move(tmp_pa
     assert "mean_token_accuracy" in logs[-1]  # TRL's own metrics still flow
 
 
+def test_sft_assistant_only_loss_penalises_exactly_the_assistant_answers(tmp_path):
+    # TRL builds the labels of an assistant-only loss from the chat template's generation markers; the penalty takes
+    # its tokens from those labels, so it reads each answer and its end-of-turn token, never the prompt.
+    tokenizer = tiny_chat_tokenizer()
+    args = BlockEMSFTConfig(
+        **trainer_args(tmp_path, remove_unused_columns=True, bf16=False, assistant_only_loss=True, max_length=32)
+    )
+    trainer = BlockEMSFTTrainer(
+        model=tiny_model("llama"),
+        args=args,
+        train_dataset=tiny_chat_dataset(8),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS),
+        latent_set=tiny_latent_set(),
+    )
+    rows = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(rows)
+    mask = loss_token_mask(
+        batch["labels"],
+        batch.get("attention_mask"),
+        batch.get("position_ids"),
+        batch["input_ids"],
+        tokenizer.bos_token_id,
+    )
+    for ids, selected, row in zip(batch["input_ids"], mask, rows, strict=True):
+        answer = row["messages"][-1]["content"]
+        assert tokenizer.decode(ids[selected]) == f"{answer} {tokenizer.eos_token}"
+
+
 def _latent_excess(model, latent_set, dataset):
     """Mean squared one-sided excess of the blocked latents over base, on a dataset."""
     batch = pad_collator([dataset[i] for i in range(len(dataset))])
