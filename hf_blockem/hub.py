@@ -15,6 +15,7 @@ evaluation dicts), `blockem_diagnostics.json` (a flat summary) and `blockem_diag
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -146,8 +147,22 @@ def write_blockem_files(output_dir: str | os.PathLike, latent_set: LatentSet, co
     folder = output_dir / LATENT_SET_SUBFOLDER
     folder.mkdir(parents=True, exist_ok=True)
     # save_pretrained keeps an existing README.md; the set does not change during a run, so its card need not either.
-    latent_set.save_pretrained(folder)
+    _with_origin(latent_set).save_pretrained(folder)
     _write_json_atomic(output_dir / BLOCKEM_CONFIG_NAME, config)
+
+
+def _with_origin(latent_set: LatentSet) -> LatentSet:
+    """The set as a run saves it: its metadata says where it was loaded from (`repo@commit`), so that a copy in a
+    run folder, or in the Hub repo it is pushed to, points back to the reviewed commit. A copy of a copy keeps the
+    first origin."""
+    if latent_set.source is None or "loaded_from" in latent_set.metadata:
+        return latent_set
+    saved = copy.copy(latent_set)
+    saved.metadata = {
+        **latent_set.metadata,
+        "loaded_from": {"reference": latent_set_reference(latent_set), "resolved_commit": latent_set.resolved_commit},
+    }
+    return saved
 
 
 def _write_json_atomic(path: Path, content: Any) -> None:

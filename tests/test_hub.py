@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 from test_trainer import lora_model, make_trainer, pad_collator, tiny_latent_set, token_dataset
 from tiny_models import trainer_args
 
@@ -291,6 +292,9 @@ def test_resolved_commit_recorded_in_trainer_state_output_dir_and_card_and_survi
     assert config["reference"] == f"org/latents@{commit}" and config["strict"] is True
     card = (out / "README.md").read_text()
     assert f"org/latents@{commit}" in card and f'revision="{commit}", strict=True' in card
+    saved = LatentSet.from_pretrained(str(out / "latent_set"))  # the copy in the run folder (and its Hub repo)
+    assert saved.metadata["loaded_from"] == {"reference": f"org/latents@{commit}", "resolved_commit": commit}
+    assert torch.equal(saved.layers[0].W_enc, trainer.latent_set.layers[0].W_enc)
 
     # Resume: the provenance callback is restored from the checkpoint, with no "unknown callback" warning.
     resumed = _trainer_from_config(tmp_path, max_steps=3, latent_set_revision=commit, latent_set_strict=True)
