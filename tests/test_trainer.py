@@ -310,30 +310,22 @@ def test_gradients_equal_for_batch_8_and_batch_2_times_accumulation_4(tmp_path, 
 
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_penalty_gradients(tmp_path, reentrant):
-    plain, plain_trainer = one_step_update(tmp_path / "plain", 4, 1, block_lambda=5.0, gradient_checkpointing=False)
-    checkpointed, trainer = one_step_update(
-        tmp_path / "gc",
-        4,
-        1,
-        block_lambda=5.0,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
-    )
+    def update(name, block_lambda, checkpointing):
+        extra = {"gradient_checkpointing": checkpointing}
+        if checkpointing:
+            extra["gradient_checkpointing_kwargs"] = {"use_reentrant": reentrant}
+        return one_step_update(tmp_path / name, 4, 1, block_lambda=block_lambda, **extra)
+
+    plain, plain_trainer = update("plain", 5.0, checkpointing=False)
+    checkpointed, trainer = update("gc", 5.0, checkpointing=True)
     assert_updates_close(plain, checkpointed)
     # Exactly one capture per micro-step: the logged penalty is identical with checkpointing on and off.
     assert trainer.state.log_history[0]["blockem/penalty"] == plain_trainer.state.log_history[0]["blockem/penalty"]
     assert trainer.state.log_history[0]["blockem/penalty"] > 0
     # The penalty's own gradient (the difference with a λ = 0 run) reaches every layer up to the hooked one, and
     # only those, with checkpointing as without.
-    plain_ce, _ = one_step_update(tmp_path / "plain0", 4, 1, block_lambda=0.0, gradient_checkpointing=False)
-    checkpointed_ce, _ = one_step_update(
-        tmp_path / "gc0",
-        4,
-        1,
-        block_lambda=0.0,
-        gradient_checkpointing=True,
-        gradient_checkpointing_kwargs={"use_reentrant": reentrant},
-    )
+    plain_ce, _ = update("plain0", 0.0, checkpointing=False)
+    checkpointed_ce, _ = update("gc0", 0.0, checkpointing=True)
     penalty_plain = {name: plain[name] - plain_ce[name] for name in plain}
     penalty_checkpointed = {name: checkpointed[name] - checkpointed_ce[name] for name in checkpointed}
     assert_updates_close(penalty_plain, penalty_checkpointed)
