@@ -43,7 +43,9 @@ DDP_CASES = [distributed_case(mode, accepts) for mode in MODES for accepts in LO
     # checkpointing must still give the same step.
     distributed_case("adapter", True, gradient_checkpointing=True)
 ]
-FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES]
+FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES] + [
+    distributed_case("adapter", False, fsdp="2")  # per-micro-batch means: equal-length sequences
+]
 # 2 processes x per-device batch 4 (no accumulation), with and without the penalty: the difference is the penalty's
 # gradient alone.
 TWO_TIMES_FOUR = dict(mode="adapter", batch=4, accumulation=1, accepts_loss_kwargs=True)
