@@ -437,7 +437,7 @@ def test_no_hook_left_after_train_evaluate_exception_and_generate(tmp_path):
 
 def test_latent_set_tensors_stay_off_the_module_tree(tmp_path):
     # ZeRO-3 partitions every parameter and buffer registered on the model, and FSDP shards them: the latent set's
-    # encoder must not become one. Training leaves the model's parameters and buffers exactly as they were.
+    # encoder must not become one. After training the model has the same parameter and buffer names as before.
     model = lora_model(perturb=0.5)
     names = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     trainer = make_trainer(tmp_path, model)
