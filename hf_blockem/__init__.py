@@ -13,7 +13,7 @@ __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
     "LatentSet": "hf_blockem.latent_set",
-    "BlockedLayer": "hf_blockem.latent_set",
+    "BlockedLayer": "hf_blockem.blocked_layer",
     "BlockEMArguments": "hf_blockem.config",
     "BlockEMConfig": "hf_blockem.config",
     "BlockEMSFTConfig": "hf_blockem.config",
@@ -58,11 +58,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .base_activations import BaseActivationCache, load_truncated_reference
+    from .blocked_layer import BlockedLayer
     from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
     from .diagnostics import BlockEMCallback, ProbeBatch, misalignment_directions, probe_batch
     from .hooks import ActivationCapture, get_decoder_layers
     from .hub import push_output_dir
-    from .latent_set import BlockedLayer, LatentSet, LatentSetFormatError
+    from .latent_set import LatentSet, LatentSetFormatError
     from .model_card import generate_blocked_model_card
     from .trainer import BlockEMSFTTrainer, BlockEMTrainer, BlockEMTrainerMixin
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from .blocked_layer import hook_name_for_layer
 from .hooks import ActivationCapture, iter_masked_hidden_states
-from .latent_set import hook_name_for_layer
 
 logger = logging.getLogger(__name__)
 

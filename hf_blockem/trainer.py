@@ -300,7 +300,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
         Returns:
             `dict`: the record appended to `metadata["adaptive_additions"]`.
         """
-        from .latent_set import BlockedLayer
+        from .blocked_layer import BlockedLayer
 
         if isinstance(source, BlockedLayer):
             addition = source.select(list(plus), list(minus))

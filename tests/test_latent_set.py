@@ -9,14 +9,12 @@ from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAECon
 from safetensors import safe_open
 from transformers import LlamaConfig
 
+from hf_blockem.blocked_layer import BlockedLayer, hook_name_for_layer, layer_from_hook_name
 from hf_blockem.latent_set import (
     LATENT_SET_FILENAME,
     METADATA_KEY,
-    BlockedLayer,
     LatentSet,
     LatentSetFormatError,
-    hook_name_for_layer,
-    layer_from_hook_name,
 )
 
 D_IN, D_SAE = 32, 128

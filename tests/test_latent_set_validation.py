@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from hf_blockem.blocked_layer import BlockedLayer
 from hf_blockem.latent_set import (
     LATENT_SET_FILENAME,
     MAX_HEADER_BYTES,
     METADATA_KEY,
-    BlockedLayer,
     LatentSet,
     LatentSetFormatError,
     _checksum,

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         hook = sae.cfg.metadata.hook_name
         if hook is None and not args.layer:
             raise ValueError(f"SAE {spec!r} records no hook name; pass --layer for each SAE.")
-        from ..latent_set import layer_from_hook_name
+        from ..blocked_layer import layer_from_hook_name
 
         layer = args.layer[i] if args.layer else layer_from_hook_name(hook)
         name = f"sae{i}_layer{layer}_w{sae.cfg.d_sae}"
