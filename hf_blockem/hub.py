@@ -30,6 +30,7 @@ from huggingface_hub import HfApi
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .atomic_write import write_json_atomic
 from .latent_set import LATENT_SET_FILENAME, LatentSet
 from .model_card import library_versions
 
@@ -148,7 +149,7 @@ def write_blockem_files(output_dir: str | os.PathLike, latent_set: LatentSet, co
     folder.mkdir(parents=True, exist_ok=True)
     # save_pretrained keeps an existing README.md; the set does not change during a run, so its card need not either.
     _with_origin(latent_set).save_pretrained(folder)
-    _write_json_atomic(output_dir / BLOCKEM_CONFIG_NAME, config)
+    write_json_atomic(output_dir / BLOCKEM_CONFIG_NAME, config)
 
 
 def _with_origin(latent_set: LatentSet) -> LatentSet:
@@ -163,13 +164,6 @@ def _with_origin(latent_set: LatentSet) -> LatentSet:
         "loaded_from": {"reference": latent_set_reference(latent_set), "resolved_commit": latent_set.resolved_commit},
     }
     return saved
-
-
-def _write_json_atomic(path: Path, content: Any) -> None:
-    # A background upload may read the file while we rewrite it: replace, never truncate in place.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def read_card_extras(output_dir: str | os.PathLike) -> dict[str, Any]:

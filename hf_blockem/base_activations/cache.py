@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ..atomic_write import atomic_write, write_json_atomic
 from ..hooks import ActivationCapture
 from ..latent_set import LatentSet, _checksum
 from .source import CACHED_Z_BASE_KEY, BaseActivations, OnTheFlyBaseActivations
@@ -318,9 +318,9 @@ class BaseActivationCache:
         tensors_path.parent.mkdir(parents=True, exist_ok=True)
         digests = torch.frombuffer(bytearray(b"".join(self._digests)), dtype=torch.uint8).reshape(-1, 16)
         tensors = {"digests": digests, "starts": self._starts, "lengths": self._lengths, "z": self.z.contiguous()}
-        _atomic_write(tensors_path, lambda path: save_file(tensors, path, metadata={"key_digest": key_digest(key)}))
+        atomic_write(tensors_path, lambda path: save_file(tensors, path, metadata={"key_digest": key_digest(key)}))
         description = {"key": key, "key_digest": key_digest(key), "sequences": len(self), "tokens": len(self.z)}
-        _atomic_write(key_path, lambda path: Path(path).write_text(json.dumps(description, indent=2, sort_keys=True)))
+        write_json_atomic(key_path, description)
         return tensors_path
 
     @classmethod
@@ -346,17 +346,6 @@ class BaseActivationCache:
             return None
         digests = [bytes(row) for row in tensors["digests"].tolist()]
         return cls(digests, tensors["starts"], tensors["lengths"], tensors["z"].float())
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-" + path.name)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---- the source and its collator -----------------------------------------------------------------------------
