@@ -43,6 +43,8 @@ DDP_CASES = [distributed_case(mode, accepts) for mode in MODES for accepts in LO
     # checkpointing must still give the same step.
     distributed_case("adapter", True, gradient_checkpointing=True)
 ]
+# FSDP2 only: accelerate's FSDP1 plugin refuses to initialise without an accelerator device ("There are currently no
+# available devices found"), so FSDP1 cannot run on CPU (checked with accelerate 1.15 and torch 2.13).
 FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES] + [
     distributed_case("adapter", False, fsdp="2")  # per-micro-batch means: equal-length sequences
 ]
