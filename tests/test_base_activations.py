@@ -129,6 +129,27 @@ def test_right_left_and_packed_layouts_give_the_same_penalty(tmp_path):
     assert penalties["packed"] == pytest.approx(penalties["right"], rel=1e-5)
 
 
+def test_adapters_off_takes_the_fast_path_for_lora_and_restores_every_flag():
+    # The base pass flips LoRA layers' `_disable_adapters` flags in place instead of PEFT's `disable_adapter()`,
+    # whose per-call status walk cost more than the pass. If PEFT renamed the flag the code would fall back to the
+    # slow path silently: this test says so instead.
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from hf_blockem.base_activations.adapter import adapters_disabled
+
+    model = lora_model(perturb=0.5)
+    tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    assert tuner_layers and all(hasattr(layer, "_disable_adapters") for layer in tuner_layers)
+    inputs = {k: v for k, v in pad_collator([token_dataset()[i] for i in range(2)]).items() if k != "labels"}
+    with torch.no_grad():
+        with_adapters = model(**inputs).logits
+        with adapters_disabled(model, tuner_layers):
+            assert all(layer.disable_adapters for layer in tuner_layers)
+            assert torch.equal(model(**inputs).logits, tiny_model("llama")(**inputs).logits)
+        assert not any(layer.disable_adapters for layer in tuner_layers)
+        assert torch.equal(model(**inputs).logits, with_adapters)
+
+
 def test_sequence_spans_for_padding_sides_and_padding_free_packing():
     ids = torch.arange(12).reshape(2, 6)
     right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
