@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
     On failure the temporary file is removed and `path` keeps its previous content.
     """
     path = Path(path)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}")
-    os.close(handle)
+    # A unique name per writer; `write` creates the file, so it gets the usual permissions (mkstemp's are 0600).
+    tmp = str(path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"))
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -1,6 +1,7 @@
 """Atomic file replacement: readers see the old content or the new one, never a partial file or a leftover."""
 
 import json
+import os
 
 import pytest
 
@@ -23,3 +24,7 @@ def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary_file(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["blockem_config.json"]
     write_json_atomic(path, {"c": 3})
     assert json.loads(path.read_text()) == {"c": 3} and len(list(tmp_path.iterdir())) == 1
+    # Created like any other file (umask applies), not with a temporary file's private mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
