@@ -473,7 +473,7 @@ class _AddLayerAtStep2(TrainerCallback):
         if state.global_step == 2:
             self.trainer.add_blocked_latents(tiny_sae(seed=3), plus=[2, 4], minus=[6], layer=0)
         layers = get_decoder_layers(self.trainer.model)
-        self.hooks.append([len(layer._forward_hooks) for layer in layers])
+        self.hooks.append([tuple(layer._forward_hooks) for layer in layers])  # handle ids per layer
         self.graphs.append(counters["stats"]["unique_graphs"])
 
 
@@ -513,7 +513,10 @@ def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
     assert len(penalties(compiled, "blockem/layer_0/penalty")) == 4 and penalties(compiled, "blockem/penalty")[0] > 0
     assert_updates_close(eager_params, compiled_params, rel=1e-5)
     # Hooks are registered once per watched layer while training, not per step; removed afterwards.
-    assert recorder.hooks[0] == [0, 1, 0, 0] and all(counts == [1, 1, 0, 0] for counts in recorder.hooks[1:])
+    counts = [[len(ids) for ids in step] for step in recorder.hooks]
+    assert counts[0] == [0, 1, 0, 0] and all(step == [1, 1, 0, 0] for step in counts[1:])
+    # The same handles from step to step: registered when training starts, and again only when the layer is added.
+    assert recorder.hooks[2:] == [recorder.hooks[2]] * 4
     assert _hook_count(compiled.model) == _hook_count(lora_model())
     # No recompile storm: after the recompilations for a new sequence length and for the added layer, steps reuse
     # the compiled graphs.
