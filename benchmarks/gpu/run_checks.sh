@@ -2,6 +2,8 @@
 # The GPU checks of issues 6 and 9 in one device call: install the carried wheels, print the versions, then run
 #   1. benchmarks/overhead.py --gpu      (issue 6: step-time ratios to plain SFT, Qwen2.5-1.5B shape, bf16, LoRA)
 #   2. benchmarks/gpu_smoke.py           (issue 9: FSDP2, ZeRO-2, ZeRO-3 at world size 1 against no wrapper)
+#   3. benchmarks/overhead.py --gpu --compile  (issue 6: adds the truncated reference under torch.compile; last, since
+#      compiling takes the longest and the first two must not wait on it)
 # Results, JSON and logs, go to $OUT (the device tool's output folder). Prepare .whl here first:
 #   bash benchmarks/gpu/fetch_wheels.sh
 # then one device call, with .whl carried:
@@ -45,9 +47,11 @@ if [[ $CPU == 1 ]]; then
     timeout 280 "$PYTHON" benchmarks/gpu_smoke.py --cpu --out "$OUT/gpu_smoke_cpu.json" 2>&1 \
         | tee "$OUT/gpu_smoke.log" || status=1
 else
-    timeout 280 "$PYTHON" benchmarks/overhead.py --gpu --json "$OUT/overhead_gpu.json" 2>&1 \
+    timeout 150 "$PYTHON" benchmarks/overhead.py --gpu --json "$OUT/overhead_gpu.json" 2>&1 \
         | tee "$OUT/overhead.log" || status=1
-    timeout 240 "$PYTHON" benchmarks/gpu_smoke.py --timeout 100 --out "$OUT/gpu_smoke.json" 2>&1 \
+    timeout 200 "$PYTHON" benchmarks/gpu_smoke.py --timeout 90 --out "$OUT/gpu_smoke.json" 2>&1 \
         | tee "$OUT/gpu_smoke.log" || status=1
+    timeout 190 "$PYTHON" benchmarks/overhead.py --gpu --compile --steps 20 --json "$OUT/overhead_gpu_compile.json" \
+        2>&1 | tee "$OUT/overhead_compile.log" || status=1
 fi
 exit $status
