@@ -159,6 +159,40 @@ def test_sequence_spans_for_padding_sides_and_padding_free_packing():
     assert sequence_spans(ids[:1], None, torch.tensor([[0, 1, 2, 0, 1, 0]])) == [(0, 0, 3), (0, 3, 5), (0, 5, 6)]
 
 
+def _spans_by_scanning(attention_mask, position_ids, rows, length):
+    """The definition, position by position: a span starts at an attended position after padding or at position id 0,
+    and runs while positions are attended and do not start a new span."""
+    valid = attention_mask.bool().tolist() if attention_mask is not None else [[True] * length] * rows
+    spans = []
+    for row in range(rows):
+        begin = None
+        for t in range(length + 1):
+            starts = t < length and valid[row][t] and (
+                t == 0 or not valid[row][t - 1] or (position_ids is not None and position_ids[row, t] == 0)
+            )
+            if begin is not None and (t == length or not valid[row][t] or starts):
+                spans.append((row, begin, t))
+                begin = None
+            if starts:
+                begin = t
+    return spans
+
+
+def test_sequence_spans_match_a_position_by_position_scan_on_random_layouts():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows, length = int(torch.randint(1, 5, (1,), generator=g)), int(torch.randint(1, 24, (1,), generator=g))
+        mask = (torch.rand(rows, length, generator=g) > 0.3).long() if trial % 3 else None
+        positions = None
+        if trial % 2:  # padding-free packing: restarts at random places
+            restart = torch.rand(rows, length, generator=g) < 0.2
+            positions = torch.zeros(rows, length, dtype=torch.long)
+            for t in range(1, length):
+                positions[:, t] = torch.where(restart[:, t], 0, positions[:, t - 1] + 1)
+        ids = torch.randint(0, 9, (rows, length), generator=g)
+        assert sequence_spans(ids, mask, positions) == _spans_by_scanning(mask, positions, rows, length)
+
+
 def test_cache_covers_every_training_sequence_and_eval_falls_back(tmp_path, caplog):
     trainer = trainer_for(tmp_path, lora_model(perturb=0.5), token_dataset(8), base_activations="cache")
     source = trainer._blockem_base
