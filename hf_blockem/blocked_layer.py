@@ -205,6 +205,13 @@ class BlockedLayer:
         """`[n]` fp32: +1 for K+ latents, -1 for K- latents."""
         return torch.tensor([1.0] * len(self.plus) + [-1.0] * len(self.minus))
 
+    def signs_on(self, device: torch.device) -> torch.Tensor:
+        """[`signs`] on `device`, copied there once (the penalty needs them every step)."""
+        key = ("signs", device)
+        if key not in self._device_cache:
+            self._device_cache[key] = self.signs.to(device)
+        return self._device_cache[key]
+
     def _params(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         if device not in self._device_cache:
             self._device_cache[device] = tuple(

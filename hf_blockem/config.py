@@ -9,6 +9,8 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 BASE_ACTIVATION_MODES = ("auto", "adapter", "reference", "cache")
+# torch.compile's modes (None: eager).
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -63,6 +65,16 @@ class BlockEMArguments:
             Folder of the `"cache"` files. Default: beside the training set's own cache files when it has some, else
             `<output_dir>/_blockem_base_activations` (the leading `_` keeps it out of Hub pushes). The precomputing
             pass uses `per_device_eval_batch_size`.
+        base_activations_compile (`str`, *optional*):
+            A `torch.compile` mode for the frozen reference's forward (`"reference"`, and the pass that builds a
+            `"cache"` without PEFT): `"default"`, `"reduce-overhead"` (CUDA graphs), `"max-autotune"` or
+            `"max-autotune-no-cudagraphs"`. On a GPU an eager pass through a few layers is mostly kernel launches;
+            see `benchmarks/RESULTS.md` for what each mode costs. `None` (default): eager. The `"adapter"` pass
+            runs inside the trained model and is not compiled by this option.
+        base_activations_pad_to_multiple_of (`int`, *optional*):
+            Right-pad the reference pass's batches to a multiple of this many positions (the activations are cut
+            back; causal attention leaves the real tokens unchanged). With `"reduce-overhead"` it defaults to 64, so
+            that a few CUDA graphs cover every sequence length.
     """
 
     latent_set: str | None = field(
@@ -127,10 +139,35 @@ class BlockEMArguments:
         },
     )
 
+    base_activations_compile: str | None = field(
+        default=None,
+        metadata={
+            "help": "torch.compile mode for the frozen reference's forward: `default`, `reduce-overhead` (CUDA "
+            "graphs), `max-autotune` or `max-autotune-no-cudagraphs`; unset: eager.",
+            "choices": [mode for mode in COMPILE_MODES if mode is not None],
+        },
+    )
+    base_activations_pad_to_multiple_of: int | None = field(
+        default=None,
+        metadata={
+            "help": "Right-pad the reference pass's batches to a multiple of this many positions (64 by default "
+            "with `reduce-overhead`, so that few CUDA graphs cover every length)."
+        },
+    )
+
     def _check_blockem_arguments(self) -> None:
         if self.base_activations not in BASE_ACTIVATION_MODES:
             raise ValueError(
                 f"base_activations must be one of {BASE_ACTIVATION_MODES}, received {self.base_activations!r}."
+            )
+        if self.base_activations_compile not in COMPILE_MODES:
+            raise ValueError(
+                f"base_activations_compile must be one of {COMPILE_MODES}, received {self.base_activations_compile!r}."
+            )
+        if self.base_activations_pad_to_multiple_of is not None and self.base_activations_pad_to_multiple_of < 1:
+            raise ValueError(
+                "base_activations_pad_to_multiple_of must be a positive number of positions (or unset), received "
+                f"{self.base_activations_pad_to_multiple_of}."
             )
         if self.block_lambda < 0:
             raise ValueError(f"block_lambda must be >= 0, received {self.block_lambda}.")

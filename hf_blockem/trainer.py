@@ -101,6 +101,8 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
+        # Micro-batch sums not yet read back from the device: (totals, [(layer, latent ids)], lambda) each.
+        self._blockem_pending: dict[str, list[tuple[torch.Tensor, list, float]]] = {"train": [], "eval": []}
         if self.latent_set.resolved_commit is not None:
             logger.info("Blocking latent set %s@%s", self.latent_set.source, self.latent_set.resolved_commit)
         self._blockem_hub_setup()
@@ -186,7 +188,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
         stats = []
         for blocked in self.latent_set.layers:
             z = blocked.encode(tokens_at_mask(hidden[blocked.layer], mask))
-            layer_sum = block_penalty_sum(z, z_base[blocked.layer], blocked.signs)
+            layer_sum = block_penalty_sum(z, z_base[blocked.layer], blocked.signs_on(z.device))
             penalty_sum = penalty_sum + layer_sum
             stats.append((blocked, z.detach(), z_base[blocked.layer], layer_sum.detach()))
 
@@ -212,19 +214,39 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
     # ---- metrics ----
 
     def _record_blockem_metrics(self, stats, mask: torch.Tensor, lam: float) -> None:
-        # One vector of sums per micro-batch, summed over processes in a single collective.
-        values = [mask.sum().float()]
+        # One vector of sums per micro-batch, kept on the device: reading it now (`.tolist()`) would stall the CPU on
+        # the GPU every step, before the backward is queued. `log` reads every pending vector in one go.
+        parts = [mask.sum().float().reshape(1)]
+        layout = []
         for blocked, z, z_base, layer_sum in stats:
-            over = ((z - z_base) * blocked.signs.to(z.device) > 0).float()
-            values += [layer_sum, z_base.square().sum()]
-            values += list(z.sum(0)) + list(z_base.sum(0)) + list(over.sum(0))
-        totals = torch.stack([v.to(mask.device).float() for v in values])
-        totals = self.accelerator.gather(totals.unsqueeze(0)).sum(0).tolist()
+            over = ((z - z_base) * blocked.signs_on(z.device) > 0).float()
+            parts += [layer_sum.float().reshape(1), z_base.square().sum().reshape(1)]
+            parts += [z.sum(0), z_base.sum(0), over.sum(0)]
+            layout.append((blocked.layer, list(blocked.latent_ids)))
+        totals = torch.cat([part.to(mask.device, torch.float32) for part in parts])
+        mode = "train" if self.model.training else "eval"
+        self._blockem_pending[mode].append((totals, layout, lam))
 
+    def _blockem_flush_metrics(self, mode: str) -> None:
+        """Reads the pending micro-batch sums of `mode`, summed over processes, into the logged metric lists."""
+        pending = self._blockem_pending[mode]
+        if not pending:
+            return
+        # One collective for all of them (every process records the same micro-batches, so the layouts agree).
+        flat = torch.cat([totals for totals, _, _ in pending])
+        values = self.accelerator.gather(flat.unsqueeze(0)).sum(0).tolist()
+        entries, offset = [], 0
+        for totals, layout, lam in pending:
+            entries.append((values[offset : offset + totals.numel()], layout, lam))
+            offset += totals.numel()
+        pending.clear()
+        for totals, layout, lam in entries:
+            self._blockem_add_metrics(mode, totals, layout, lam)
+
+    def _blockem_add_metrics(self, mode: str, totals: list[float], layout, lam: float) -> None:
         n_tokens = totals[0]
         if n_tokens == 0:
             return
-        mode = "train" if self.model.training else "eval"
         metrics, weights = self._blockem_metrics[mode], self._blockem_metric_weights[mode]
 
         def add(key: str, value: float, weight: float = n_tokens) -> None:
@@ -232,8 +254,8 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             weights[key].append(weight)
 
         penalty, base_scale, i = 0.0, 0.0, 1
-        for blocked, *_ in stats:
-            n = blocked.n_latents
+        for layer, latent_ids in layout:
+            n = len(latent_ids)
             layer_sum, base_sq = totals[i], totals[i + 1]
             z_sum, zb_sum, over_sum = (
                 totals[i + 2 : i + 2 + n],
@@ -242,9 +264,9 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             )
             i += 2 + 3 * n
             penalty, base_scale = penalty + layer_sum, base_scale + base_sq
-            prefix = f"blockem/layer_{blocked.layer}"
+            prefix = f"blockem/layer_{layer}"
             add(f"{prefix}/penalty", layer_sum / n_tokens)
-            for j, latent in enumerate(blocked.latent_ids):
+            for j, latent in enumerate(latent_ids):
                 add(f"{prefix}/latent_{latent}/z", z_sum[j] / n_tokens)
                 add(f"{prefix}/latent_{latent}/z_base", zb_sum[j] / n_tokens)
                 add(f"{prefix}/latent_{latent}/over_base", over_sum[j] / n_tokens)
@@ -255,6 +277,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        self._blockem_flush_metrics(mode)
         # Token-weighted, like the Trainer's loss: (1 process x batch 8) and (2 processes x batch 2 x accumulation 2)
         # log the same values, whatever the micro-batches' token counts.
         weights = self._blockem_metric_weights[mode]

@@ -19,6 +19,7 @@ from hf_blockem.base_activations import (
     load_truncated_reference,
 )
 from hf_blockem.base_activations.cache import cache_key, key_digest, sequence_spans
+from hf_blockem.base_activations.reference import pad_right
 from hf_blockem.hooks import get_decoder_layers
 from hf_blockem.penalty import loss_token_mask
 
@@ -72,6 +73,7 @@ def penalty_of(trainer, batch):
     trainer.model.train()
     trainer._blockem_metrics["train"].clear()
     trainer.compute_loss(trainer.model, dict(batch))
+    trainer._blockem_flush_metrics("train")
     return trainer._blockem_metrics["train"]["blockem/penalty"][0]
 
 
@@ -302,6 +304,78 @@ def test_truncated_reference_holds_only_the_layers_it_needs(tmp_path, arch):
         source = ReferenceBaseActivations(tiny_latent_set(layer=layer), module=reference)
         hidden = source.hidden_states(None, None, batch)[layer]
     torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "collator", [pad_collator, left_pad_collator, packed_collator], ids=["right", "left", "packed"]
+)
+def test_reference_pass_padded_to_a_multiple_gives_the_unpadded_activations(base_dir, collator):
+    # Padding is appended after every real token, so causal attention leaves the real tokens' activations as they
+    # were; the source cuts the padded positions off again.
+    batch = collator([token_dataset(8)[i] for i in (0, 1, 4)])  # 11 positions padded, 26 packed
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    length = inputs["input_ids"].shape[1]
+    assert length % 8 != 0  # so that padding happens
+    module = load_truncated_reference(base_dir, num_layers=LAYER + 1)
+    plain = ReferenceBaseActivations(tiny_latent_set(), module=module).hidden_states(None, None, inputs)[LAYER]
+    padded_source = ReferenceBaseActivations(tiny_latent_set(), module=module, pad_to_multiple_of=8)
+    padded = padded_source.hidden_states(None, None, inputs)[LAYER]
+    assert padded.shape == plain.shape == (*inputs["input_ids"].shape, module.config.hidden_size)
+    torch.testing.assert_close(padded, plain, rtol=1e-6, atol=1e-6)
+
+
+def test_pad_right_pads_token_inputs_only_and_leaves_multiples_alone():
+    inputs = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    padded = pad_right({**inputs, "pixel_values": torch.ones(2, 3, 4, 4)}, 4)
+    assert padded["input_ids"].tolist() == [[1] * 5 + [0] * 3] * 2
+    assert padded["attention_mask"].tolist() == [[1] * 5 + [0] * 3] * 2
+    assert padded["pixel_values"].shape == (2, 3, 4, 4)
+    assert pad_right(inputs, 5) is inputs
+
+
+def test_reduce_overhead_pads_to_64_by_default_and_compile_options_are_checked(tmp_path, caplog):
+    latent_set = tiny_latent_set()
+    assert ReferenceBaseActivations(latent_set, compile_mode="reduce-overhead").pad_to_multiple_of == 64
+    assert ReferenceBaseActivations(latent_set, compile_mode="default").pad_to_multiple_of is None
+    with pytest.raises(ValueError, match="base_activations_compile must be one of"):
+        BlockEMConfig(**trainer_args(tmp_path, base_activations_compile="fast"))
+    with pytest.raises(ValueError, match="base_activations_pad_to_multiple_of must be a positive"):
+        BlockEMConfig(**trainer_args(tmp_path, base_activations_pad_to_multiple_of=0))
+    # The adapters-off pass runs inside the trained model: the option does not reach it, and says so.
+    with caplog.at_level(logging.WARNING, logger="hf_blockem.base_activations"):
+        trainer = trainer_for(tmp_path, lora_model(), base_activations="adapter", base_activations_compile="default")
+    assert trainer._blockem_base.mode == "adapter"
+    assert "stays eager" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_reference_trains_like_the_eager_one(tmp_path, base_dir):
+    # Inductor on CPU (CUDA graphs are skipped there, so "reduce-overhead" compiles like "default", with the
+    # padding to 64 positions it implies); the GPU timings are in benchmarks/RESULTS.md.
+    runs = {}
+    for name, compile_mode in (("eager", None), ("compiled", "reduce-overhead")):
+        model = tiny_model("llama").train()
+        trainer = trainer_for(
+            tmp_path / name,
+            model,
+            max_steps=3,
+            block_lambda=5.0,
+            base_activations="reference",
+            base_model_name_or_path=base_dir,
+            base_activations_compile=compile_mode,
+        )
+        trainer.train()
+        source = trainer._blockem_base
+        assert isinstance(source._forward, torch._dynamo.eval_frame.OptimizedModule) == (compile_mode is not None)
+        runs[name] = (
+            [e["blockem/penalty"] for e in trainer.state.log_history if "blockem/penalty" in e],
+            {n: p.detach().clone() for n, p in model.named_parameters()},
+        )
+    (eager_penalties, eager_params), (compiled_penalties, compiled_params) = runs["eager"], runs["compiled"]
+    assert eager_penalties[-1] > 0
+    assert compiled_penalties == pytest.approx(eager_penalties, rel=1e-4, abs=1e-7)
+    for name, param in eager_params.items():
+        torch.testing.assert_close(compiled_params[name], param, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["reference", "cache"])

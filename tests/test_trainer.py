@@ -131,6 +131,7 @@ def test_base_activations_equal_pristine_base_model_and_penalty_is_zero_at_init(
     assert torch.equal(base[LAYER], hidden_at(pristine, {k: v for k, v in batch.items() if k != "labels"}, LAYER))
     # LoRA B = 0 at initialisation: the trained model is the base model, the penalty is exactly 0.
     loss = trainer.compute_loss(model, dict(batch))
+    trainer._blockem_flush_metrics("train")
     assert trainer._blockem_metrics["train"]["blockem/penalty"] == [0.0]
     model.eval()
     ce = model(**batch).loss
@@ -178,6 +179,7 @@ def test_prompt_learning_adapters_base_pass_and_penalty(tmp_path, tuner):
     z, z_base = blocked.encode(trained[:, -mask.shape[1] :][mask]), blocked.encode(base[mask])
     expected = (block_penalty_sum(z, z_base, blocked.signs) / mask.sum()).item()
     trainer.compute_loss(model.train(), dict(batch))
+    trainer._blockem_flush_metrics("train")
     assert expected > 0
     assert trainer._blockem_metrics["train"]["blockem/penalty"] == [pytest.approx(expected, rel=1e-5)]
     # A whole run trains the virtual tokens (and nothing else).
@@ -337,6 +339,33 @@ def test_gradient_checkpointing_gives_the_same_penalty_gradients(tmp_path, reent
         assert (moved > 1e-4) == (layer <= LAYER), layer
 
 
+def test_metrics_stay_on_the_device_until_log_reads_them_together(tmp_path):
+    # Reading them every micro-batch would stall the CPU on the GPU before the backward is queued.
+    model = lora_model(perturb=0.5).train()
+    trainer = make_trainer(tmp_path, model)
+    batches = [pad_collator([token_dataset()[i] for i in rows]) for rows in ((0, 1), (2, 3, 4))]
+    for batch in batches:
+        trainer.compute_loss(model, dict(batch))
+    pending = trainer._blockem_pending["train"]
+    assert len(pending) == 2 and all(isinstance(totals, torch.Tensor) for totals, _, _ in pending)
+    assert trainer._blockem_metrics["train"] == {}
+    logs = {}
+    trainer.log(logs)
+    assert trainer._blockem_pending["train"] == [] and trainer._blockem_metrics["train"] == {}
+    # The logged penalty is the token-weighted mean of the two micro-batches' penalties.
+    blocked = trainer.latent_set.layers[0]
+    sums, tokens = [], []
+    for batch in batches:
+        mask = loss_token_mask(batch["labels"], batch["attention_mask"], input_ids=batch["input_ids"], bos_token_id=1)
+        with torch.no_grad():
+            base = hidden_at(tiny_model("llama"), {k: v for k, v in batch.items() if k != "labels"}, LAYER)
+            tuned = hidden_at(model, {k: v for k, v in batch.items() if k != "labels"}, LAYER)
+        sums.append(block_penalty_sum(blocked.encode(tuned[mask]), blocked.encode(base[mask]), blocked.signs).item())
+        tokens.append(mask.sum().item())
+    assert sums[0] > 0 and sums[1] > 0
+    assert logs["blockem/penalty"] == pytest.approx(sum(sums) / sum(tokens), rel=1e-5)
+
+
 def test_all_masked_micro_batch_gives_zero_and_gradients_everywhere(tmp_path):
     model = lora_model(perturb=0.5)
     trainer = make_trainer(tmp_path, model, block_lambda=5.0)
@@ -345,6 +374,7 @@ def test_all_masked_micro_batch_gives_zero_and_gradients_everywhere(tmp_path):
     # Other micro-batches of the same optimizer step carry the 10 loss tokens counted in num_items_in_batch.
     loss = trainer.compute_loss(model.train(), dict(batch), num_items_in_batch=torch.tensor(10))
     assert torch.isfinite(loss) and loss.item() == 0.0
+    trainer._blockem_flush_metrics("train")
     assert trainer._blockem_metrics["train"] == {}  # nothing to average on an empty micro-batch
     loss.backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

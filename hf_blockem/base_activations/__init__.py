@@ -73,6 +73,14 @@ def resolve_base_activations(trainer, capture: ActivationCapture) -> BaseActivat
     if mode == "auto":
         mode = "cache" if _seen_more_than_once(trainer) else ("adapter" if is_peft else "reference")
         logger.info("base_activations='auto' resolved to %r", mode)
+    if mode == "adapter" or (mode == "cache" and is_peft):
+        if getattr(args, "base_activations_compile", None) is not None:
+            logger.warning(
+                "base_activations_compile=%r compiles the frozen reference's forward; with base_activations=%r the "
+                "base pass runs inside the trained PEFT model and stays eager.",
+                args.base_activations_compile,
+                mode,
+            )
     if mode == "adapter":
         return AdapterBaseActivations(latent_set, model)
     if mode == "reference":
@@ -130,6 +138,8 @@ def _reference(trainer) -> ReferenceBaseActivations:
         attn_implementation=getattr(getattr(inner, "config", None), "_attn_implementation", None),
         token=getattr(args, "hub_token", None),
         prepare=prepare,
+        compile_mode=getattr(args, "base_activations_compile", None),
+        pad_to_multiple_of=getattr(args, "base_activations_pad_to_multiple_of", None),
     )
     return source
 

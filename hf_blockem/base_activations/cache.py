@@ -71,7 +71,9 @@ def sequence_spans(
     begins = start.flatten().nonzero().flatten()
     ends = boundaries[torch.searchsorted(boundaries, begins, right=True)]
     row_of = begins // length
-    return list(zip(row_of.tolist(), (begins - row_of * length).tolist(), (ends - row_of * length).tolist()))
+    return list(
+        zip(row_of.tolist(), (begins - row_of * length).tolist(), (ends - row_of * length).tolist(), strict=True)
+    )
 
 
 def sequence_digest(input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> bytes:

@@ -144,6 +144,14 @@ class ReferenceBaseActivations(OnTheFlyBaseActivations):
             Applied to the loaded module, e.g. `accelerator.prepare_model(m, evaluation_mode=True)` when distributed.
         module (`torch.nn.Module`, *optional*):
             An already truncated reference (see [`truncate_decoder`]); skips loading.
+        compile_mode (`str`, *optional*):
+            Run the reference's forward under `torch.compile(mode=compile_mode, dynamic=True)`, e.g. `"default"` or
+            `"reduce-overhead"` (CUDA graphs). An eager pass of a few layers is mostly kernel launches on a GPU;
+            compiled, it costs far less. `None` (the default) runs it eagerly.
+        pad_to_multiple_of (`int`, *optional*):
+            Right-pad each batch to a multiple of this many positions before the pass (and cut the activations back).
+            Causal attention keeps the real tokens' activations unchanged, and a few lengths cover every batch:
+            CUDA graphs are recorded once per length. Defaults to 64 with `"reduce-overhead"`, else no padding.
     """
 
     mode = "reference"
@@ -159,8 +167,14 @@ class ReferenceBaseActivations(OnTheFlyBaseActivations):
         token: str | bool | None = None,
         prepare=None,
         module: nn.Module | None = None,
+        compile_mode: str | None = None,
+        pad_to_multiple_of: int | None = None,
     ):
         super().__init__(latent_set)
+        if pad_to_multiple_of is None and compile_mode == "reduce-overhead":
+            pad_to_multiple_of = 64
+        self.compile_mode, self.pad_to_multiple_of = compile_mode, pad_to_multiple_of
+        self._forward = None
         if name_or_path is None:
             name_or_path, revision = latent_set.base_model, revision or latent_set.base_model_revision
         self.name_or_path, self.revision = name_or_path, revision
@@ -224,20 +238,45 @@ class ReferenceBaseActivations(OnTheFlyBaseActivations):
         if self._prepare is not None:
             module = self._prepare(module)
         self._module = module
+        # Hooks first: the compiled forward traces them in (and the capture dict fills as a side effect).
         self._capture = ActivationCapture(module, self.latent_set.layer_indices).attach()
+        self._forward = (
+            module if self.compile_mode is None else torch.compile(module, mode=self.compile_mode, dynamic=True)
+        )
 
     def release(self) -> None:
         """Drops the module (and its hooks); it is loaded again if needed."""
         if self._capture is not None:
             self._capture.detach()
-        self._module, self._capture = None, None
+        self._module, self._capture, self._forward = None, None, None
 
     def hidden_states(
         self, model: nn.Module, capture: ActivationCapture, inputs: dict[str, torch.Tensor]
     ) -> dict[int, torch.Tensor]:
-        module = self.module
+        self.module  # noqa: B018 - loads it on first use
         inputs = {key: value for key, value in inputs.items() if key not in _NOT_MODEL_INPUTS}
+        length = next(iter(inputs.values())).shape[1]
+        if self.pad_to_multiple_of:
+            inputs = pad_right(inputs, self.pad_to_multiple_of)
+        if self.compile_mode is not None and "reduce-overhead" in self.compile_mode:
+            # Each call is a new CUDA-graph step: the previous call's outputs (already encoded) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
         # The deepest watched layer is the module's last one: no early stop is needed.
         with torch.no_grad(), self._capture.window() as captured:
-            module(**inputs, use_cache=False)
-        return captured
+            self._forward(**inputs, use_cache=False)
+        return {layer: hidden[:, :length] for layer, hidden in captured.items()}
+
+
+def pad_right(inputs: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
+    """Right-pads every `[batch, seq]` input to a multiple of `multiple` positions with zeros (masked out).
+
+    With causal attention the padded positions come after every real token, so no real token's activations change.
+    """
+    length = next(iter(inputs.values())).shape[1]
+    extra = -length % multiple
+    if extra == 0:
+        return inputs
+    return {
+        key: torch.nn.functional.pad(value, (0, extra)) if value.dim() == 2 and value.shape[1] == length else value
+        for key, value in inputs.items()
+    }
