@@ -66,13 +66,14 @@ class BlockEMArguments:
             `<output_dir>/_blockem_base_activations` (the leading `_` keeps it out of Hub pushes). The precomputing
             pass uses `per_device_eval_batch_size`.
         base_activations_compile (`str`, *optional*):
-            A `torch.compile` mode for the frozen reference's forward (`"reference"`, and the pass that builds a
-            `"cache"` without PEFT): `"default"`, `"reduce-overhead"` (CUDA graphs), `"max-autotune"` or
-            `"max-autotune-no-cudagraphs"`. On a GPU an eager pass through a few layers is mostly kernel launches;
-            see `benchmarks/RESULTS.md` for what each mode costs. `None` (default): eager. The `"adapter"` pass
-            runs inside the trained model and is not compiled by this option.
+            A `torch.compile` mode for the base pass: `"default"`, `"reduce-overhead"` (CUDA graphs),
+            `"max-autotune"` or `"max-autotune-no-cudagraphs"`. On a GPU an eager pass through a few layers is mostly
+            kernel launches; compiled, it nearly disappears from the step time (`benchmarks/RESULTS.md`). With
+            `"reference"` the frozen reference is compiled; with `"adapter"` a separate truncated module that shares
+            the PEFT model's base weights (no copy) replaces the adapters-off pass. Sharded models (FSDP, ZeRO-3)
+            keep the eager adapters-off pass. `None` (default): eager.
         base_activations_pad_to_multiple_of (`int`, *optional*):
-            Right-pad the reference pass's batches to a multiple of this many positions (the activations are cut
+            Right-pad the base pass's batches to a multiple of this many positions (the activations are cut
             back; causal attention leaves the real tokens unchanged). With `"reduce-overhead"` it defaults to 64, so
             that a few CUDA graphs cover every sequence length.
     """
@@ -142,15 +143,16 @@ class BlockEMArguments:
     base_activations_compile: str | None = field(
         default=None,
         metadata={
-            "help": "torch.compile mode for the frozen reference's forward: `default`, `reduce-overhead` (CUDA "
-            "graphs), `max-autotune` or `max-autotune-no-cudagraphs`; unset: eager.",
+            "help": "torch.compile mode for the base pass (the reference, or a weight-sharing base view of the PEFT "
+            "model): `default`, `reduce-overhead` (CUDA graphs), `max-autotune` or `max-autotune-no-cudagraphs`; "
+            "unset: eager.",
             "choices": [mode for mode in COMPILE_MODES if mode is not None],
         },
     )
     base_activations_pad_to_multiple_of: int | None = field(
         default=None,
         metadata={
-            "help": "Right-pad the reference pass's batches to a multiple of this many positions (64 by default "
+            "help": "Right-pad the compiled base pass's batches to a multiple of this many positions (64 by default "
             "with `reduce-overhead`, so that few CUDA graphs cover every length)."
         },
     )

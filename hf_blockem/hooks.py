@@ -138,6 +138,11 @@ class ActivationCapture:
             The model whose decoder layers to watch (wrappers are resolved).
         layers (`Iterable[int]`):
             Decoder-layer indices whose outputs to capture.
+        hook_every_layer (`bool`, *optional*, defaults to `False`):
+            Register a hook on every decoder layer, each keeping its output only while its layer is watched, so that
+            `watch` can change the watched layers without registering hooks. Needed under `torch.compile`: Dynamo
+            does not guard on module hooks, so a hook registered after compiling would never run, whereas a change
+            of the watched set (a value the compiled hooks read) recompiles.
 
     Example:
     ```python
@@ -148,19 +153,34 @@ class ActivationCapture:
     ```
     """
 
-    def __init__(self, model: nn.Module, layers: Iterable[int]):
+    def __init__(self, model: nn.Module, layers: Iterable[int], hook_every_layer: bool = False):
         self.model = model
-        self.layers = sorted(set(int(layer) for layer in layers))
-        if not self.layers:
-            raise ValueError("ActivationCapture needs at least one layer index, received none.")
+        self.hook_every_layer = hook_every_layer
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules: dict[int, nn.Module] = {}
         self._captured: dict[int, torch.Tensor] | None = None
         self._stop_after: int | None = None
+        self.watch(layers)
 
     @property
     def attached(self) -> bool:
         return bool(self._handles)
+
+    def watch(self, layers: Iterable[int]) -> None:
+        """Sets the watched layers; attached hooks follow (with `hook_every_layer`) or are registered again."""
+        layers = sorted(set(int(layer) for layer in layers))
+        if not layers:
+            raise ValueError("ActivationCapture needs at least one layer index, received none.")
+        attached = self.attached
+        if attached and not self.hook_every_layer:
+            self.detach()
+        if attached and self.hook_every_layer:
+            for layer in layers:
+                check_layer_index(layer, len(self._modules))
+        # A tuple: compiled hooks guard on its value.
+        self.layers, self._watched = layers, tuple(layers)
+        if attached and not self.hook_every_layer:
+            self.attach()
 
     def attach(self) -> ActivationCapture:
         if self._handles:
@@ -169,7 +189,7 @@ class ActivationCapture:
         for layer in self.layers:
             check_layer_index(layer, len(decoder_layers))
         try:
-            for layer in self.layers:
+            for layer in range(len(decoder_layers)) if self.hook_every_layer else self.layers:
                 self._handles.append(decoder_layers[layer].register_forward_hook(self._make_hook(layer)))
                 self._modules[layer] = decoder_layers[layer]
         except BaseException:
@@ -199,7 +219,7 @@ class ActivationCapture:
     def _make_hook(self, layer: int):
         def hook(module, args, output):
             captured = self._captured
-            if captured is None or layer in captured:
+            if captured is None or layer in captured or layer not in self._watched:
                 return None
             captured[layer] = hidden_state_of(output)
             if self._stop_after is not None and layer >= self._stop_after:

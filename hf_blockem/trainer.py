@@ -375,11 +375,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
         self.latent_set.metadata.setdefault("adaptive_additions", []).append(record)
         capture = self._blockem_capture
         if addition.layer not in capture.layers:
-            attached = capture.attached
-            capture.detach()
-            capture.layers = sorted({*capture.layers, addition.layer})
-            if attached:
-                capture.attach()
+            capture.watch([*capture.layers, addition.layer])
         logger.info("Adaptive re-blocking at step %d: %s", record["step"], record)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

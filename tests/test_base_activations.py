@@ -7,8 +7,10 @@ import logging
 
 import pytest
 import torch
-from test_trainer import LAYER, lora_model, pad_collator, tiny_latent_set, token_dataset
-from tiny_models import tiny_chat_tokenizer, tiny_model, trainer_args
+from peft import LoraConfig, get_peft_model
+from test_trainer import LAYER, hidden_at, lora_model, pad_collator, tiny_latent_set, token_dataset
+from tiny_models import tiny_chat_tokenizer, tiny_model, tiny_sae, trainer_args
+from transformers import TrainerCallback
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer
 from hf_blockem.base_activations import (
@@ -18,9 +20,10 @@ from hf_blockem.base_activations import (
     ReferenceBaseActivations,
     load_truncated_reference,
 )
+from hf_blockem.base_activations.base_view import frozen_base_view
 from hf_blockem.base_activations.cache import cache_key, key_digest, sequence_spans
-from hf_blockem.base_activations.reference import pad_right
-from hf_blockem.hooks import get_decoder_layers
+from hf_blockem.base_activations.truncated_pass import pad_right
+from hf_blockem.hooks import ActivationCapture, get_decoder_layers
 from hf_blockem.penalty import loss_token_mask
 
 
@@ -169,8 +172,10 @@ def _spans_by_scanning(attention_mask, position_ids, rows, length):
     for row in range(rows):
         begin = None
         for t in range(length + 1):
-            starts = t < length and valid[row][t] and (
-                t == 0 or not valid[row][t - 1] or (position_ids is not None and position_ids[row, t] == 0)
+            starts = (
+                t < length
+                and valid[row][t]
+                and (t == 0 or not valid[row][t - 1] or (position_ids is not None and position_ids[row, t] == 0))
             )
             if begin is not None and (t == length or not valid[row][t] or starts):
                 spans.append((row, begin, t))
@@ -333,47 +338,131 @@ def test_pad_right_pads_token_inputs_only_and_leaves_multiples_alone():
     assert pad_right(inputs, 5) is inputs
 
 
-def test_reduce_overhead_pads_to_64_by_default_and_compile_options_are_checked(tmp_path, caplog):
+def test_reduce_overhead_pads_to_64_by_default_and_compile_options_are_checked(tmp_path):
     latent_set = tiny_latent_set()
     assert ReferenceBaseActivations(latent_set, compile_mode="reduce-overhead").pad_to_multiple_of == 64
     assert ReferenceBaseActivations(latent_set, compile_mode="default").pad_to_multiple_of is None
+    assert AdapterBaseActivations(latent_set, lora_model(), compile_mode="reduce-overhead").pad_to_multiple_of == 64
     with pytest.raises(ValueError, match="base_activations_compile must be one of"):
         BlockEMConfig(**trainer_args(tmp_path, base_activations_compile="fast"))
     with pytest.raises(ValueError, match="base_activations_pad_to_multiple_of must be a positive"):
         BlockEMConfig(**trainer_args(tmp_path, base_activations_pad_to_multiple_of=0))
-    # The adapters-off pass runs inside the trained model: the option does not reach it, and says so.
-    with caplog.at_level(logging.WARNING, logger="hf_blockem.base_activations"):
-        trainer = trainer_for(tmp_path, lora_model(), base_activations="adapter", base_activations_compile="default")
-    assert trainer._blockem_base.mode == "adapter"
-    assert "stays eager" in caplog.text
+    trainer = trainer_for(tmp_path, lora_model(), base_activations="adapter", base_activations_compile="default")
+    assert trainer._blockem_base.compile_mode == "default"
+
+
+def _tensor_ids(module):
+    return {id(t) for t in [*module.parameters(), *module.buffers()]}
+
+
+def test_frozen_base_view_shares_the_base_weights_and_computes_adapters_off():
+    model = lora_model(perturb=0.5).train()
+    batch = pad_collator([token_dataset(8)[i] for i in (0, 1, 4)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        trained_before = model(**inputs).logits
+    hooks_before = [dict(m._forward_hooks) for m in model.modules()]
+    view = frozen_base_view(model, LAYER + 1)
+
+    # The base weights themselves (same tensor objects), no adapter weights, no copy, cut after LAYER.
+    assert _tensor_ids(view) <= _tensor_ids(model)
+    assert not any("lora" in name for name, _ in view.named_parameters())
+    assert len(get_decoder_layers(view)) == view.config.num_hidden_layers == LAYER + 1
+    assert model.config.num_hidden_layers == 4 and len(get_decoder_layers(model)) == 4
+    assert not view.training and model.training
+
+    # Its layer outputs are the adapters-off pass's (the pristine base, LoRA B != 0 here), bit for bit in fp32.
+    capture = ActivationCapture(view, [LAYER]).attach()
+    with torch.no_grad(), capture.window() as captured:
+        view(**inputs, use_cache=False)
+    assert torch.equal(captured[LAYER], hidden_at(tiny_model("llama"), inputs, LAYER))
+    # The trained model is untouched: adapters active, same hooks (the view's stay on the view).
+    capture.detach()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, trained_before)
+    assert [dict(m._forward_hooks) for m in model.modules()] == hooks_before
+
+
+def test_frozen_base_view_reads_the_original_of_modules_to_save():
+    # A trained copy of the embeddings (modules_to_save) is not the base: the view reads the original module.
+    model = get_peft_model(
+        tiny_model("llama"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens"]),
+    )
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:  # LoRA B and the trained embedding copy
+                param.add_(torch.randn_like(param) * 0.5)
+    inputs = {"input_ids": torch.tensor([[1, 7, 9, 11, 13, 2]])}
+    view = frozen_base_view(model, LAYER + 1)
+    with ActivationCapture(view, [LAYER]) as capture, torch.no_grad(), capture.window() as captured:
+        view(**inputs, use_cache=False)
+    assert torch.equal(captured[LAYER], hidden_at(tiny_model("llama"), inputs, LAYER))
+    assert not torch.equal(captured[LAYER], hidden_at(model, inputs, LAYER))
+
+
+def test_frozen_base_view_follows_the_model_to_another_dtype():
+    # Parameters and buffers are shared, not copied: a later `.to()` of the trained model reaches the view.
+    model = lora_model()
+    view = frozen_base_view(model, LAYER + 1)
+    model.to(torch.float64)
+    assert _tensor_ids(view) <= _tensor_ids(model)
+    assert all(t.dtype == torch.float64 for t in [*view.parameters(), *view.buffers()] if t.is_floating_point())
+
+
+def test_frozen_base_view_refuses_a_module_with_a_patched_forward():
+    model = lora_model()
+    attention = get_decoder_layers(model)[0].self_attn
+    attention.forward = lambda *args, **kwargs: None  # what accelerate's device-map hooks do
+    with pytest.raises(ValueError, match="forward` was replaced"):
+        frozen_base_view(model, LAYER + 1)
+
+
+class _AddLayerZeroAtStep2(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:  # a layer the compiled pass did not watch: it must be hooked in
+            self.trainer.add_blocked_latents(tiny_sae(seed=3), plus=[2, 4], minus=[6], layer=0)
 
 
 @pytest.mark.slow
-def test_compiled_reference_trains_like_the_eager_one(tmp_path, base_dir):
+@pytest.mark.parametrize("mode", ["reference", "adapter"])
+def test_compiled_base_pass_trains_like_the_eager_one(tmp_path, base_dir, mode):
     # Inductor on CPU (CUDA graphs are skipped there, so "reduce-overhead" compiles like "default", with the
     # padding to 64 positions it implies); the GPU timings are in benchmarks/RESULTS.md.
     runs = {}
     for name, compile_mode in (("eager", None), ("compiled", "reduce-overhead")):
-        model = tiny_model("llama").train()
+        torch._dynamo.reset()
+        model = lora_model(perturb=0.5) if mode == "adapter" else tiny_model("llama").train()
         trainer = trainer_for(
             tmp_path / name,
             model,
-            max_steps=3,
+            max_steps=4,
             block_lambda=5.0,
-            base_activations="reference",
+            base_activations=mode,
             base_model_name_or_path=base_dir,
             base_activations_compile=compile_mode,
         )
+        trainer.add_callback(_AddLayerZeroAtStep2(trainer))
         trainer.train()
-        source = trainer._blockem_base
-        assert isinstance(source._forward, torch._dynamo.eval_frame.OptimizedModule) == (compile_mode is not None)
         runs[name] = (
-            [e["blockem/penalty"] for e in trainer.state.log_history if "blockem/penalty" in e],
-            {n: p.detach().clone() for n, p in model.named_parameters()},
+            {
+                key: [e[key] for e in trainer.state.log_history if key in e]
+                for key in ("blockem/penalty", "blockem/layer_0/penalty")
+            },
+            {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
         )
-    (eager_penalties, eager_params), (compiled_penalties, compiled_params) = runs["eager"], runs["compiled"]
-    assert eager_penalties[-1] > 0
-    assert compiled_penalties == pytest.approx(eager_penalties, rel=1e-4, abs=1e-7)
+        if compile_mode is not None:
+            source = trainer._blockem_base
+            passes = [source._pass] if mode == "reference" else list(source._passes.values())
+            assert len(passes) == 1 and isinstance(passes[0].forward, torch._dynamo.eval_frame.OptimizedModule)
+            assert passes[0].capture.layers == [0, LAYER]  # the added layer is watched in the compiled pass too
+    (eager, eager_params), (compiled, compiled_params) = runs["eager"], runs["compiled"]
+    assert eager["blockem/penalty"][-1] > 0 and len(eager["blockem/layer_0/penalty"]) == 2
+    for key, values in eager.items():
+        assert compiled[key] == pytest.approx(values, rel=1e-4, abs=1e-7), key
     for name, param in eager_params.items():
         torch.testing.assert_close(compiled_params[name], param, rtol=1e-4, atol=1e-6)
 

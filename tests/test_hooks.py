@@ -87,6 +87,32 @@ def test_capture_through_ddp_wrapper(tmp_path):
         dist.destroy_process_group()
 
 
+def test_watch_changes_layers_with_fixed_hooks_or_registers_them_again():
+    model = tiny_model("llama")
+    layers = get_decoder_layers(model)
+    expected = model(**_batch(), output_hidden_states=True).hidden_states
+    before = [len(layer._forward_hooks) for layer in layers]  # transformers may keep its own recording hooks
+    # hook_every_layer: a hook on each layer from the start, the same handles whatever is watched.
+    with ActivationCapture(model, [1], hook_every_layer=True) as capture:
+        handles = [tuple(layer._forward_hooks) for layer in layers]
+        assert [len(ids) for ids in handles] == [n + 1 for n in before]
+        for watched in ([1], [0, 2], [2]):  # (the last layer's hidden state is reported after the final norm)
+            capture.watch(watched)
+            with capture.window() as captured:
+                model(**_batch())
+            assert sorted(captured) == watched
+            assert all(torch.equal(captured[layer], expected[layer + 1]) for layer in watched)
+        assert [tuple(layer._forward_hooks) for layer in layers] == handles
+        with pytest.raises(ValueError, match="out of range"):
+            capture.watch([9])
+    # The default: hooks on the watched layers only, registered again when they change.
+    with ActivationCapture(model, [1]) as capture:
+        capture.watch([0, 2])
+        added = [len(layer._forward_hooks) - n for layer, n in zip(layers, before, strict=True)]
+        assert added == [1, 0, 1, 0]
+    assert [len(layer._forward_hooks) for layer in layers] == before
+
+
 def test_window_keeps_first_capture_and_ignores_outside():
     model = tiny_model()
     batch, other = _batch(0), _batch(1)

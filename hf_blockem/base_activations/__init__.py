@@ -67,28 +67,20 @@ def resolve_base_activations(trainer, capture: ActivationCapture) -> BaseActivat
     Returns:
         [`BaseActivations`]
     """
-    args, model, latent_set = trainer.args, trainer.model, trainer.latent_set
+    args, model = trainer.args, trainer.model
     mode = args.base_activations
     is_peft = peft_model_of(model) is not None
     if mode == "auto":
         mode = "cache" if _seen_more_than_once(trainer) else ("adapter" if is_peft else "reference")
         logger.info("base_activations='auto' resolved to %r", mode)
-    if mode == "adapter" or (mode == "cache" and is_peft):
-        if getattr(args, "base_activations_compile", None) is not None:
-            logger.warning(
-                "base_activations_compile=%r compiles the frozen reference's forward; with base_activations=%r the "
-                "base pass runs inside the trained PEFT model and stays eager.",
-                args.base_activations_compile,
-                mode,
-            )
     if mode == "adapter":
-        return AdapterBaseActivations(latent_set, model)
+        return _adapter(trainer)
     if mode == "reference":
         source = _reference(trainer)
         source.module  # noqa: B018 - load now, so that a missing base model is reported before training starts
         return source
     if mode == "cache":
-        fallback = AdapterBaseActivations(latent_set, model) if is_peft else _reference(trainer)
+        fallback = _adapter(trainer) if is_peft else _reference(trainer)
         if isinstance(fallback, ReferenceBaseActivations):
             fallback.check()  # loaded only when the cache is built (and released after)
         return _cached(trainer, capture, fallback)
@@ -103,6 +95,16 @@ def _seen_more_than_once(trainer) -> bool:
         samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         return args.max_steps * samples_per_step > len(dataset)
     return args.num_train_epochs > 1
+
+
+def _adapter(trainer) -> AdapterBaseActivations:
+    args = trainer.args
+    return AdapterBaseActivations(
+        trainer.latent_set,
+        trainer.model,
+        compile_mode=getattr(args, "base_activations_compile", None),
+        pad_to_multiple_of=getattr(args, "base_activations_pad_to_multiple_of", None),
+    )
 
 
 def _reference(trainer) -> ReferenceBaseActivations:

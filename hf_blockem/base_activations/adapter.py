@@ -8,6 +8,7 @@ the deepest blocked layer (the LM head never runs).
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from collections.abc import Iterator
 
@@ -15,7 +16,11 @@ import torch
 from torch import nn
 
 from ..hooks import ActivationCapture, eval_mode, run_until_layer, unwrap_model
-from .source import OnTheFlyBaseActivations
+from .base_view import frozen_base_view
+from .source import OnTheFlyBaseActivations, forward_inputs
+from .truncated_pass import TruncatedPass, default_pad_to_multiple_of
+
+logger = logging.getLogger(__name__)
 
 
 def peft_model_of(model: nn.Module):
@@ -39,12 +44,23 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
             The blocked latents.
         model (`torch.nn.Module`):
             The PEFT model being trained (possibly wrapped); refused if it has no adapters.
+        compile_mode (`str`, *optional*):
+            Run the base pass through a separate truncated module that shares the PEFT model's base weights (see
+            [`frozen_base_view`]), under `torch.compile(mode=compile_mode, dynamic=True)`. `None` (the default): the
+            trained model itself runs eagerly with its adapters switched off. Sharded models (FSDP, ZeRO-3) always
+            take the eager path.
+        pad_to_multiple_of (`int`, *optional*):
+            With `compile_mode`, right-pad batches to a multiple of this many positions (64 with `"reduce-overhead"`).
     """
 
     mode = "adapter"
 
-    def __init__(self, latent_set, model: nn.Module):
+    def __init__(
+        self, latent_set, model: nn.Module, compile_mode: str | None = None, pad_to_multiple_of: int | None = None
+    ):
         super().__init__(latent_set)
+        self.compile_mode = compile_mode
+        self.pad_to_multiple_of = default_pad_to_multiple_of(compile_mode, pad_to_multiple_of)
         if peft_model_of(model) is None:
             raise ValueError(
                 "base_activations='adapter' reads the base model by disabling PEFT adapters, but the model is a "
@@ -56,6 +72,9 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
         # Per-step work must not walk the module tree: what the base pass needs of the model is looked up once per
         # model object (the Trainer may hand over a wrapped model after the first steps).
         self._layout: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # PEFT model -> compiled pass through its base view (built on first use, after the model reached its device).
+        self._passes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._warned_sharded = False
 
     def _model_layout(self, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module], bool]:
         if model not in self._layout:
@@ -70,6 +89,15 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
         self, model: nn.Module, capture: ActivationCapture, inputs: dict[str, torch.Tensor]
     ) -> dict[int, torch.Tensor]:
         modules, tuner_layers, sharded = self._model_layout(model)
+        if self.compile_mode is not None and not sharded:
+            return self._compiled_pass(model)(forward_inputs(inputs), self.latent_set.layer_indices)
+        if self.compile_mode is not None and not self._warned_sharded:
+            self._warned_sharded = True
+            logger.warning(
+                "base_activations_compile=%r is not applied to a sharded model (FSDP or ZeRO-3): the base pass runs "
+                "eagerly inside it, so that every gathered parameter is released.",
+                self.compile_mode,
+            )
         with torch.no_grad(), adapters_disabled(peft_model_of(model), tuner_layers), eval_mode(model, modules):
             if not sharded:
                 return run_until_layer(capture, model, **inputs, use_cache=False)
@@ -78,6 +106,18 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
             with capture.window() as captured:
                 model(**inputs, use_cache=False)
             return captured
+
+    def _compiled_pass(self, model: nn.Module) -> TruncatedPass:
+        peft_model = peft_model_of(model)
+        compiled = self._passes.get(peft_model)
+        depth = self.latent_set.deepest_layer + 1
+        if compiled is None or compiled.num_layers < depth:  # not built yet, or a deeper layer was added
+            if compiled is not None:
+                compiled.close()
+            view = frozen_base_view(peft_model, depth)
+            compiled = TruncatedPass(view, self.latent_set.layer_indices, self.compile_mode, self.pad_to_multiple_of)
+            self._passes[peft_model] = compiled
+        return compiled
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from torch import nn
 from ..hooks import ActivationCapture, check_layer_index, find_decoder_layers
 from .cache import weights_fingerprint
 from .source import OnTheFlyBaseActivations
+from .truncated_pass import TruncatedPass, default_pad_to_multiple_of
 
 logger = logging.getLogger(__name__)
 
@@ -171,17 +172,15 @@ class ReferenceBaseActivations(OnTheFlyBaseActivations):
         pad_to_multiple_of: int | None = None,
     ):
         super().__init__(latent_set)
-        if pad_to_multiple_of is None and compile_mode == "reduce-overhead":
-            pad_to_multiple_of = 64
-        self.compile_mode, self.pad_to_multiple_of = compile_mode, pad_to_multiple_of
-        self._forward = None
+        self.compile_mode = compile_mode
+        self.pad_to_multiple_of = default_pad_to_multiple_of(compile_mode, pad_to_multiple_of)
         if name_or_path is None:
             name_or_path, revision = latent_set.base_model, revision or latent_set.base_model_revision
         self.name_or_path, self.revision = name_or_path, revision
         self._load_kwargs = dict(dtype=dtype, device=device, attn_implementation=attn_implementation, token=token)
         self._prepare = prepare
         self._module: nn.Module | None = None
-        self._capture: ActivationCapture | None = None
+        self._pass: TruncatedPass | None = None
         self.weights_fingerprint: str | None = None
         if module is not None:
             self._set_module(module)
@@ -238,45 +237,18 @@ class ReferenceBaseActivations(OnTheFlyBaseActivations):
         if self._prepare is not None:
             module = self._prepare(module)
         self._module = module
-        # Hooks first: the compiled forward traces them in (and the capture dict fills as a side effect).
-        self._capture = ActivationCapture(module, self.latent_set.layer_indices).attach()
-        self._forward = (
-            module if self.compile_mode is None else torch.compile(module, mode=self.compile_mode, dynamic=True)
-        )
+        self._pass = TruncatedPass(module, self.latent_set.layer_indices, self.compile_mode, self.pad_to_multiple_of)
 
     def release(self) -> None:
         """Drops the module (and its hooks); it is loaded again if needed."""
-        if self._capture is not None:
-            self._capture.detach()
-        self._module, self._capture, self._forward = None, None, None
+        if self._pass is not None:
+            self._pass.close()
+        self._module, self._pass = None, None
 
     def hidden_states(
         self, model: nn.Module, capture: ActivationCapture, inputs: dict[str, torch.Tensor]
     ) -> dict[int, torch.Tensor]:
         self.module  # noqa: B018 - loads it on first use
-        inputs = {key: value for key, value in inputs.items() if key not in _NOT_MODEL_INPUTS}
-        length = next(iter(inputs.values())).shape[1]
-        if self.pad_to_multiple_of:
-            inputs = pad_right(inputs, self.pad_to_multiple_of)
-        if self.compile_mode is not None and "reduce-overhead" in self.compile_mode:
-            # Each call is a new CUDA-graph step: the previous call's outputs (already encoded) may be overwritten.
-            torch.compiler.cudagraph_mark_step_begin()
         # The deepest watched layer is the module's last one: no early stop is needed.
-        with torch.no_grad(), self._capture.window() as captured:
-            self._forward(**inputs, use_cache=False)
-        return {layer: hidden[:, :length] for layer, hidden in captured.items()}
-
-
-def pad_right(inputs: dict[str, torch.Tensor], multiple: int) -> dict[str, torch.Tensor]:
-    """Right-pads every `[batch, seq]` input to a multiple of `multiple` positions with zeros (masked out).
-
-    With causal attention the padded positions come after every real token, so no real token's activations change.
-    """
-    length = next(iter(inputs.values())).shape[1]
-    extra = -length % multiple
-    if extra == 0:
-        return inputs
-    return {
-        key: torch.nn.functional.pad(value, (0, extra)) if value.dim() == 2 and value.shape[1] == length else value
-        for key, value in inputs.items()
-    }
+        inputs = {key: value for key, value in inputs.items() if key not in _NOT_MODEL_INPUTS}
+        return self._pass(inputs, self.latent_set.layer_indices)
