@@ -30,7 +30,7 @@ _EXPORTS = {
     "misalignment_directions": "hf_blockem.diagnostics",
     "load_truncated_reference": "hf_blockem.base_activations",
     "generate_blocked_model_card": "hf_blockem.model_card",
-    "push_output_dir": "hf_blockem.hub",
+    "push_output_dir": "hf_blockem.push",
 }
 
 __all__ = [
@@ -62,9 +62,9 @@ if TYPE_CHECKING:
     from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
     from .diagnostics import BlockEMCallback, ProbeBatch, misalignment_directions, probe_batch
     from .hooks import ActivationCapture, get_decoder_layers
-    from .hub import push_output_dir
     from .latent_set import LatentSet, LatentSetFormatError
     from .model_card import generate_blocked_model_card
+    from .push import push_output_dir
     from .trainer import BlockEMSFTTrainer, BlockEMTrainer, BlockEMTrainerMixin
 
 

@@ -32,7 +32,7 @@ def make_parser() -> HfArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs `blockem push`; returns 0 on success, 1 when the push failed (the local files are untouched)."""
-    from .hub import push_output_dir
+    from .push import push_output_dir
 
     argv = sys.argv[1:] if argv is None else argv
     args, extra = make_parser().parse_args_into_dataclasses(args=argv)

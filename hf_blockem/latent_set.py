@@ -353,8 +353,19 @@ class LatentSet(
 
         return latent_set_model_card(self, **kwargs)
 
+    def layer_tensors(self) -> dict[str, torch.Tensor]:
+        """Every blocked layer's tensors under their names in the file (`layers.L.W_enc`, `layers.L.plus`, ...)."""
+        return {name: t for layer in self.layers for name, t in layer._tensors().items()}
+
+    def blocking_checksum(self) -> str:
+        """The checksum `save_pretrained` writes, without the library version and the directions: it changes exactly
+        when what the penalty computes changes (keys the base-activation cache)."""
+        description = self.to_dict()
+        description.pop("library_version", None)
+        return _checksum(description, self.layer_tensors())
+
     def _save_pretrained(self, save_directory: Path) -> None:
-        tensors = {name: t for layer in self.layers for name, t in layer._tensors().items()}
+        tensors = self.layer_tensors()
         tensors.update({f"directions.{layer}": vector for layer, vector in self.directions.items()})
         description = self.to_dict()
         description["checksum"] = _checksum(description, tensors)

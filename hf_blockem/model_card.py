@@ -1,6 +1,6 @@
 """The model card of a BLOCK-EM checkpoint, rendered from `model_card_template.md` with `huggingface_hub.ModelCard`.
 
-The card is built from plain data: the run's `blockem_config.json` dict (see `hf_blockem.hub.blockem_config`), the
+The card is built from plain data: the run's `blockem_config.json` dict (see `hf_blockem.run_files.blockem_config`), the
 Trainer's hyperparameters and log history (transformers' own `extract_hyperparameters_from_trainer` and
 `parse_log_history`), and optional evaluation results and diagnostics as plain dicts, so that neither the evaluation
 harness nor the diagnostics are imported here.
@@ -220,7 +220,7 @@ def generate_blocked_model_card(
 
     Args:
         blockem_config (`dict`): the run's BLOCK-EM settings as written to `blockem_config.json`
-            ([`~hf_blockem.hub.blockem_config`]).
+            ([`~hf_blockem.run_files.blockem_config`]).
         model_name (`str`): name shown in the title and the model index.
         repo_id (`str`, *optional*): Hub repo of the checkpoint, used in the loading snippet; defaults to
             `model_name`.

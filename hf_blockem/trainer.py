@@ -16,9 +16,9 @@ from trl import SFTTrainer
 
 from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_base_activations
 from .hooks import ActivationCapture, tokens_at_mask, unwrap_model
-from .hub import LATENT_SET_SUBFOLDER, check_strict_latent_set
 from .latent_set import LATENT_SET_FILENAME, LatentSet
 from .penalty import block_penalty_sum, loss_token_mask
+from .run_files import LATENT_SET_SUBFOLDER, check_strict_latent_set
 from .trainer_hub import BlockEMHubMixin
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The Hub side of the BLOCK-EM trainers: run files in `output_dir`, the model card, provenance in the trainer
-state, and pushes that fail without stopping training (helpers in `hf_blockem.hub`)."""
+state, and pushes that fail without stopping training (helpers in `hf_blockem.run_files` and `hf_blockem.push`)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ from pathlib import Path
 from typing import Any
 
 from .hooks import unwrap_model
-from .hub import (
+from .model_card import model_card_from_trainer
+from .push import PushFailure, record_push_failure, report_push_failures
+from .run_files import (
     DIAGNOSTICS_PLOT_NAME,
     LatentSetProvenance,
-    PushFailure,
     blockem_config,
     read_card_extras,
-    record_push_failure,
-    report_push_failures,
     write_blockem_files,
 )
-from .model_card import model_card_from_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +33,7 @@ class BlockEMHubMixin:
 
     @property
     def blockem_push_failures(self) -> list[PushFailure]:
-        """Hub pushes that failed so far (training went on and the local files are complete); see `hf_blockem.hub`."""
+        """Hub pushes that failed so far (training went on and the local files are complete); see `hf_blockem.push`."""
         # Lazily created: `init_hf_repo` runs inside `Trainer.__init__`, before the mixin's own set-up.
         return self.__dict__.setdefault("_blockem_push_failures", [])
 

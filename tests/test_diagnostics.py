@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
 from hf_blockem.diagnostics import BlockEMCallback, ProbeBatch, misalignment_directions
 from hf_blockem.hooks import get_decoder_layers
-from hf_blockem.hub import read_card_extras
+from hf_blockem.run_files import read_card_extras
 
 P = "blockem_diag"
 

@@ -53,7 +53,7 @@ def test_directions_must_fit_the_model():
 
 def _tensors_and_description():
     latent_set = with_directions()
-    tensors = {name: t for layer in latent_set.layers for name, t in layer._tensors().items()}
+    tensors = latent_set.layer_tensors()
     tensors.update({f"directions.{k}": v for k, v in latent_set.directions.items()})
     return tensors, latent_set.to_dict()
 

@@ -24,15 +24,15 @@ from test_trainer import lora_model, make_trainer, pad_collator, tiny_latent_set
 from tiny_models import trainer_args
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
-from hf_blockem.hub import (
+from hf_blockem.hub_cli import main as push_main
+from hf_blockem.hub_cli import make_parser
+from hf_blockem.push import push_command
+from hf_blockem.run_files import (
     BLOCKEM_CONFIG_NAME,
     LATENT_SET_PATH_IN_REPO,
     LatentSetProvenance,
     check_strict_latent_set,
-    push_command,
 )
-from hf_blockem.hub_cli import main as push_main
-from hf_blockem.hub_cli import make_parser
 
 # ---- FAKE at the network edge: a local server that answers like the Hub ------------------------------------------
 

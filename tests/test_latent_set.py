@@ -303,7 +303,7 @@ def test_hub_repo_without_latent_set(tmp_path):
 
 
 def test_load_from_a_subfolder_locally_and_from_the_hub_cache(tmp_path):
-    # A blocked checkpoint's repo keeps its latent set in `latent_set/` (see hf_blockem.hub).
+    # A blocked checkpoint's repo keeps its latent set in `latent_set/` (see hf_blockem.run_files).
     commit = "89abcdef0123456789abcdef0123456789abcdef"
     latent_set = multi_layer_set()
     latent_set.save_pretrained(tmp_path / "run" / "latent_set")

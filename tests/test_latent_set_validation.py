@@ -63,7 +63,7 @@ def good_set() -> LatentSet:
 
 def parts():
     latent_set = good_set()
-    tensors = {name: t for layer in latent_set.layers for name, t in layer._tensors().items()}
+    tensors = latent_set.layer_tensors()
     return tensors, latent_set.to_dict()
 
 

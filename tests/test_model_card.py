@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard
 from test_trainer import tiny_latent_set
 
 from hf_blockem import LatentSet
-from hf_blockem.hub import blockem_config
 from hf_blockem.model_card import generate_blocked_model_card
+from hf_blockem.run_files import blockem_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "blocked_model_card_example.md"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..atomic_write import atomic_write, write_json_atomic
 from ..hooks import ActivationCapture
-from ..latent_set import LatentSet, _checksum
+from ..latent_set import LatentSet
 from .source import CACHED_Z_BASE_KEY, BaseActivations, OnTheFlyBaseActivations
 
 logger = logging.getLogger(__name__)
@@ -139,14 +139,6 @@ def _whole(param: torch.Tensor):
         yield param
 
 
-def latent_set_checksum(latent_set: LatentSet) -> str:
-    """The checksum `LatentSet.save_pretrained` would write, without the library version (which does not change z)."""
-    description = latent_set.to_dict()
-    description.pop("library_version", None)
-    tensors = {name: t for layer in latent_set.layers for name, t in layer._tensors().items()}
-    return _checksum(description, tensors)
-
-
 def tokenizer_fingerprint(tokenizer) -> str | None:
     """sha256 of a tokeniser's full definition (vocabulary, merges, normaliser, special tokens, chat template)."""
     if tokenizer is None:
@@ -202,7 +194,7 @@ def cache_key(
     return {
         "format_version": CACHE_FORMAT_VERSION,
         "latent_set": {
-            "checksum": latent_set_checksum(latent_set),
+            "checksum": latent_set.blocking_checksum(),
             "source": getattr(latent_set, "source", None),
             "resolved_commit": latent_set.resolved_commit,
         },

@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..hooks import ActivationCapture, get_decoder_layers, unwrap_model
-from ..hub import DIAGNOSTICS_PLOT_NAME, DIAGNOSTICS_SUMMARY_NAME
 from ..latent_set import LatentSet
+from ..run_files import DIAGNOSTICS_PLOT_NAME, DIAGNOSTICS_SUMMARY_NAME
 from .monitors import PREFIX, pick_additions, probe_metrics, probe_sums
 from .plots import diagnostics_summary, plot_diagnostics, write_summary
 from .probe import ProbeBatch, probe_hidden_states
