@@ -12,11 +12,12 @@ With `--compile`, three more: `adapter_compiled` (`base_activations_compile="def
 truncated view that shares the PEFT model's base weights), and `reference_compiled` and `reference_graphs`, the
 reference under `"default"` and `"reduce-overhead"` (CUDA graphs, lengths padded to multiples of 64).
 
-Reported per variant: median and min step time, their ratio to `sft`'s median and min, the median CPU time of the
-step's thread (close to the step time when the step is bound by Python and kernel launches, not by the GPU), and on
-CUDA the ratio of the peak memory allocated during its steps to `sft`'s. The capture hooks are registered once, as
-`train()` does. The reference's own weights are resident in every variant (it is
-loaded once), so its memory shows as `resident_extra_mib`, not in the peak ratio.
+Reported per variant: median and min step time and their ratios to `sft`'s median and min; the paired ratio (the
+median over rounds of the variant's step over SFT's step in the same round, which cancels drift between rounds); the
+median CPU time of the step's main thread (backward launches run on autograd's device thread and are not in it); and
+on CUDA the ratio of the peak memory allocated during its steps to `sft`'s. The capture hooks are registered once, as
+`train()` does. The reference's own weights are resident in every variant (it is loaded once), so its memory shows
+as `resident_extra_mib`, not in the peak ratio.
 
     python benchmarks/overhead.py                      # CPU config: tiny Qwen2-shaped model, about a minute
     python benchmarks/overhead.py --gpu --json out.json  # Qwen2.5-1.5B shape, random init, bf16, LoRA r16, 8x512
@@ -53,7 +54,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="Also time the reference under torch.compile (default, reduce-overhead).",
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="Write {variant: {ratio_median, ratio_min, peak_mem_ratio}}.")
+    parser.add_argument(
+        "--json", default=None, help="Write {variant: {ratio_median, ratio_min, ratio_paired, peak_mem_ratio, ...}}."
+    )
     return parser
 
 
@@ -258,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
         return elapsed, cpu, torch.cuda.max_memory_allocated() if cuda else 0
 
-    times, cpu_times, peaks = {v: [] for v in variants}, {v: [] for v in variants}, {v: [] for v in variants}
+    # Per variant, {measured round: value}: a round's variants ran back to back, so their ratios are paired.
+    times, cpu_times, peaks = {v: {} for v in variants}, {v: {} for v in variants}, {v: {} for v in variants}
     failed = {}
     with contextlib.ExitStack() as hooks:
         for t in trainers.values():  # registered once, as train() does
@@ -278,23 +282,28 @@ def main(argv: list[str] | None = None) -> dict:
                     optimizer.zero_grad(set_to_none=True)
                     continue
                 if round_index >= args.warmup:
-                    times[variant].append(elapsed)
-                    cpu_times[variant].append(cpu)
-                    peaks[variant].append(peak)
+                    times[variant][round_index] = elapsed
+                    cpu_times[variant][round_index] = cpu
+                    peaks[variant][round_index] = peak
     assert cache_source.misses == 0, "every cached step must read the cache"
 
-    sft_median, sft_min = statistics.median(times["sft"]), min(times["sft"])
-    sft_peak = max(peaks["sft"])
+    sft_times = times["sft"]
+    sft_median, sft_min = statistics.median(sft_times.values()), min(sft_times.values())
+    sft_peak = max(peaks["sft"].values())
     results = {}
     for variant in variants:
-        median, fastest = statistics.median(times[variant]), min(times[variant])
+        median, fastest = statistics.median(times[variant].values()), min(times[variant].values())
         results[variant] = {
             "ratio_median": median / sft_median,
             "ratio_min": fastest / sft_min,
-            "peak_mem_ratio": max(peaks[variant]) / sft_peak if cuda else None,
+            # The median over rounds of (this variant's step / SFT's step in the same round): drift between rounds
+            # (clocks, other jobs) cancels in each pair.
+            "ratio_paired": statistics.median(t / sft_times[r] for r, t in times[variant].items()),
+            "peak_mem_ratio": max(peaks[variant].values()) / sft_peak if cuda else None,
             "median_ms": 1e3 * median,
             "min_ms": 1e3 * fastest,
-            "cpu_median_ms": 1e3 * statistics.median(cpu_times[variant]),
+            "cpu_median_ms": 1e3 * statistics.median(cpu_times[variant].values()),
+            "step_ms_by_round": {r: round(1e3 * t, 3) for r, t in times[variant].items()},
         }
     results["_meta"] = {
         "device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
@@ -320,13 +329,14 @@ def main(argv: list[str] | None = None) -> dict:
         "failed": failed,
         "reference_resident_extra_mib": resident_extra / 2**20,
     }
-    print(f"{'variant':<20}{'median ms':>10}{'min ms':>10}{'x median':>10}{'x min':>8}{'cpu ms':>8}{'peak mem':>10}")
+    header = f"{'variant':<20}{'median ms':>10}{'min ms':>10}{'x median':>10}{'x min':>8}{'x paired':>10}{'cpu ms':>8}"
+    print(f"{header}{'peak mem':>10}")
     for variant in variants:
         r = results[variant]
         peak = f"{r['peak_mem_ratio']:.3f}" if r["peak_mem_ratio"] is not None else "n/a"
         print(
             f"{variant:<20}{r['median_ms']:>10.2f}{r['min_ms']:>10.2f}{r['ratio_median']:>10.3f}"
-            f"{r['ratio_min']:>8.3f}{r['cpu_median_ms']:>8.1f}{peak:>10}"
+            f"{r['ratio_min']:>8.3f}{r['ratio_paired']:>10.3f}{r['cpu_median_ms']:>8.1f}{peak:>10}"
         )
     print(json.dumps(results["_meta"], indent=1))
     if args.json:
