@@ -73,9 +73,9 @@ class BlockEMArguments:
             the PEFT model's base weights (no copy) replaces the adapters-off pass. Sharded models (FSDP, ZeRO-3)
             keep the eager adapters-off pass. `None` (default): eager.
         base_activations_pad_to_multiple_of (`int`, *optional*):
-            Right-pad the base pass's batches to a multiple of this many positions (the activations are cut
-            back; causal attention leaves the real tokens unchanged). With `"reduce-overhead"` it defaults to 64, so
-            that a few CUDA graphs cover every sequence length.
+            Right-pad the batches of the truncated base pass (the reference, or the compiled adapter view) to a
+            multiple of this many positions (the activations are cut back; causal attention leaves the real tokens
+            unchanged). With `"reduce-overhead"` it defaults to 64, so that a few CUDA graphs cover every length.
     """
 
     latent_set: str | None = field(
@@ -152,8 +152,9 @@ class BlockEMArguments:
     base_activations_pad_to_multiple_of: int | None = field(
         default=None,
         metadata={
-            "help": "Right-pad the compiled base pass's batches to a multiple of this many positions (64 by default "
-            "with `reduce-overhead`, so that few CUDA graphs cover every length)."
+            "help": "Right-pad the truncated base pass's batches (the reference, or the compiled adapter view) to a "
+            "multiple of this many positions (64 by default with `reduce-overhead`, so that few CUDA graphs cover "
+            "every length)."
         },
     )
 

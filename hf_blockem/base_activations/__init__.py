@@ -97,14 +97,16 @@ def _seen_more_than_once(trainer) -> bool:
     return args.num_train_epochs > 1
 
 
+def _pass_options(args) -> dict:
+    """How the truncated base pass runs (see [`TruncatedPass`]): the same for the reference and the adapter view."""
+    return {
+        "compile_mode": getattr(args, "base_activations_compile", None),
+        "pad_to_multiple_of": getattr(args, "base_activations_pad_to_multiple_of", None),
+    }
+
+
 def _adapter(trainer) -> AdapterBaseActivations:
-    args = trainer.args
-    return AdapterBaseActivations(
-        trainer.latent_set,
-        trainer.model,
-        compile_mode=getattr(args, "base_activations_compile", None),
-        pad_to_multiple_of=getattr(args, "base_activations_pad_to_multiple_of", None),
-    )
+    return AdapterBaseActivations(trainer.latent_set, trainer.model, **_pass_options(trainer.args))
 
 
 def _reference(trainer) -> ReferenceBaseActivations:
@@ -140,8 +142,7 @@ def _reference(trainer) -> ReferenceBaseActivations:
         attn_implementation=getattr(getattr(inner, "config", None), "_attn_implementation", None),
         token=getattr(args, "hub_token", None),
         prepare=prepare,
-        compile_mode=getattr(args, "base_activations_compile", None),
-        pad_to_multiple_of=getattr(args, "base_activations_pad_to_multiple_of", None),
+        **_pass_options(args),
     )
     return source
 

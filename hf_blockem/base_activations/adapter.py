@@ -17,7 +17,7 @@ from torch import nn
 
 from ..hooks import ActivationCapture, eval_mode, run_until_layer, unwrap_model
 from .base_view import frozen_base_view
-from .source import OnTheFlyBaseActivations, forward_inputs
+from .source import OnTheFlyBaseActivations
 from .truncated_pass import TruncatedPass, default_pad_to_multiple_of
 
 logger = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class AdapterBaseActivations(OnTheFlyBaseActivations):
     ) -> dict[int, torch.Tensor]:
         modules, tuner_layers, sharded = self._model_layout(model)
         if self.compile_mode is not None and not sharded:
-            return self._compiled_pass(model)(forward_inputs(inputs), self.latent_set.layer_indices)
+            return self._compiled_pass(model)(inputs, self.latent_set.layer_indices)
         if self.compile_mode is not None and not self._warned_sharded:
             self._warned_sharded = True
             logger.warning(
