@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainerCallback
 
+from hf_blockem.cpu_allocator import keep_freed_cpu_memory
 from hf_blockem.evaluation.generation import generate_responses
 from hf_blockem.evaluation.judge_base import ALIGNED, INCOHERENT, MISALIGNED
 from hf_blockem.evaluation.metrics import rate
@@ -210,4 +211,5 @@ def _table(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    keep_freed_cpu_memory()  # a program, like `blockem`: see hf_blockem/cpu_allocator.py
     sys.exit(main())

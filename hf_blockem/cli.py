@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from .cpu_allocator import keep_freed_cpu_memory
+
 # subcommand -> module whose `main(argv: list[str]) -> int | None` runs it.
 SUBCOMMANDS = {
     "demo": ("hf_blockem.demo", "run BLOCK-EM end to end on the model organism, offline"),
@@ -48,5 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     return int(module.main(rest) or 0)
 
 
+def run() -> int:
+    """The `blockem` program: [`main`] in a process that keeps freed CPU memory for reuse (see `cpu_allocator`)."""
+    keep_freed_cpu_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
