@@ -5,6 +5,7 @@ blockem organism build --out cache/organism --seed 0 [--quick]
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -51,7 +52,10 @@ def main(argv: list[str]) -> int:
     parser = HfArgumentParser(OrganismBuildArguments, prog="blockem organism build")
     (args,) = parser.parse_args_into_dataclasses(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    organism = build_organism(args.out, seed=args.seed, quick=args.quick, progress=args.progress)
+    # Stdout carries the JSON summary alone: a library imported during the build may print there (DeepSpeed, when
+    # installed, logs its accelerator warning to stdout), so the build's own output goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        organism = build_organism(args.out, seed=args.seed, quick=args.quick, progress=args.progress)
     summary = {
         "path": str(organism.path),
         "base_model_path": organism.base_model_path,
