@@ -3,7 +3,7 @@
 ```python
 from hf_blockem.organism import build_organism, narrow_finetune
 
-organism = build_organism("cache/organism", seed=0)  # ~3 min on two CPU cores, cached
+organism = build_organism("cache/organism", seed=0)  # 3-5 min on two CPU cores, cached
 dataset = organism.narrow_dataset("finance", misaligned=True)
 trainer = narrow_finetune(organism.base_model_path, organism.tokenizer, dataset, "runs/narrow")
 ```
