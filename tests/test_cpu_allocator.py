@@ -56,7 +56,7 @@ def test_kept_memory_cuts_page_faults_and_changes_no_arithmetic():
     assert tuned["checksum"] == plain["checksum"]  # the same training, bit for bit
 
 
-def test_the_blockem_program_is_the_entry_point_that_sets_it():
+def test_the_blockem_console_script_goes_through_run():
     # `hf_blockem.cli:run` keeps freed memory and then runs `main`; the library itself never touches the allocator.
     (script,) = [ep for ep in importlib.metadata.entry_points(group="console_scripts") if ep.name == "blockem"]
     assert script.value == "hf_blockem.cli:run"
