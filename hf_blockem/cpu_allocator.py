@@ -46,7 +46,8 @@ def keep_freed_cpu_memory(
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     # Other C libraries (musl) define mallopt as a no-op that returns 0.
-    accepted = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
-    if not accepted:
-        logger.debug("The C library did not accept the malloc thresholds; the allocator is unchanged.")
-    return accepted
+    mmap_set = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1
+    trim_set = mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+    if not (mmap_set and trim_set):
+        logger.debug("The C library took the mmap threshold: %s, the trim threshold: %s.", mmap_set, trim_set)
+    return mmap_set and trim_set
