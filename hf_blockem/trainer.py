@@ -373,6 +373,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             self._blockem_latent_set_owned = True
         self.latent_set.layers = sorted(layers.values(), key=lambda blocked: blocked.layer)
         self.latent_set.metadata.setdefault("adaptive_additions", []).append(record)
+        self._blockem_update_config()
         capture = self._blockem_capture
         if addition.layer not in capture.layers:
             capture.watch([*capture.layers, addition.layer])

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,17 @@ class BlockEMHubMixin:
 
     def _blockem_hub_setup(self) -> None:
         self.add_callback(LatentSetProvenance.from_latent_set(self.latent_set, self.args.latent_set_revision))
-        self._blockem_config = blockem_config(self.args, self.latent_set, base_model=self._blockem_base_model_id())
-        # "auto" resolves at run time: record what actually produced z_base.
-        self._blockem_config["base_activations_source"] = type(self._blockem_base).__name__
+        self._blockem_update_config()
         self._blockem_card_kwargs: dict[str, Any] = {}
         self._blockem_push_jobs: list[tuple[Future, str]] = []
         self._blockem_license: str | None = None
         self._blockem_card_written = False
+
+    def _blockem_update_config(self) -> None:
+        """`blockem_config.json` (and the card built from it) for the set blocked now; re-run after latents are added."""
+        self._blockem_config = blockem_config(self.args, self.latent_set, base_model=self._blockem_base_model_id())
+        # "auto" resolves at run time: record what actually produced z_base.
+        self._blockem_config["base_activations_source"] = type(self._blockem_base).__name__
 
     def _blockem_base_model_id(self) -> str | None:
         peft_config = getattr(self.model, "peft_config", None)
@@ -110,9 +115,18 @@ class BlockEMHubMixin:
     def _save_checkpoint(self, model, trial) -> None:
         self._blockem_sync_provenance()
         # Into output_dir itself, before the Trainer pushes it: with hub_strategy="every_save" only standard files are
-        # copied out of the checkpoint folder.
-        self._blockem_write_run_files(self.args.output_dir)
+        # copied out of the checkpoint folder. While the previous push still uploads output_dir, the Trainer leaves
+        # the weights there alone and skips this push; so do we, or that commit could carry a newer card or a
+        # half-written latent set next to older weights.
+        if not self._blockem_uploading_output_dir():
+            self._blockem_write_run_files(self.args.output_dir)
         super()._save_checkpoint(model, trial)
+
+    def _blockem_uploading_output_dir(self) -> bool:
+        push = getattr(self, "push_in_progress", None)
+        return (
+            self.args.push_to_hub and not self.args.hub_always_push and push is not None and not push.is_done()
+        )
 
     def create_model_card(
         self,
@@ -169,14 +183,18 @@ class BlockEMHubMixin:
             revision=self.args.hub_revision,
         )
 
+    def _blockem_push_ended(self, job: Future, what: str) -> None:
+        if not job.cancelled() and job.exception() is not None:
+            self._blockem_push_failed(what, job.exception())
+
     def _blockem_collect_push_failures(self) -> None:
         # The Trainer's background pushes are futures whose errors it never looks at.
         pending = []
         for job, what in self.__dict__.get("_blockem_push_jobs", []):
-            if not job.done():
+            if job.done():
+                self._blockem_push_ended(job, what)
+            else:
                 pending.append((job, what))
-            elif not job.cancelled() and job.exception() is not None:
-                self._blockem_push_failed(what, job.exception())
         self._blockem_push_jobs = pending
 
     def _blockem_report_pushes(self) -> None:
@@ -219,5 +237,7 @@ class BlockEMHubMixin:
             self._blockem_push_failed("push_to_hub", error)
             return None
         if isinstance(result, Future):
-            self._blockem_push_jobs.append((result, "push_to_hub"))
+            # push_to_hub(blocking=False) after training: no later report looks at this future, so its failure is
+            # recorded and logged, with the command to push again, when the upload ends.
+            result.add_done_callback(partial(self._blockem_push_ended, what="push_to_hub"))
         return result

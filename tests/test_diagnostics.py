@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
 from hf_blockem.diagnostics import BlockEMCallback, ProbeBatch, misalignment_directions
 from hf_blockem.hooks import get_decoder_layers
-from hf_blockem.run_files import read_card_extras
+from hf_blockem.run_files import BLOCKEM_CONFIG_NAME, read_card_extras
 
 P = "blockem_diag"
 
@@ -256,6 +256,11 @@ def test_adaptive_additions_next_step_saved_and_resumed(tmp_path):
     assert saved.layer_indices == [1, 2] and saved.metadata["adaptive_additions"] == [record]
     state = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
     assert state["BlockEMDiagnosticsState"]["attributes"]["additions"] == [record]
+    # blockem_config.json (and so the card) describes the set blocked at that checkpoint, additions included.
+    config = json.loads((checkpoint / BLOCKEM_CONFIG_NAME).read_text())
+    layer1, layer2 = config["latent_set"]["layers"]
+    assert (layer1["layer"], layer2["layer"]) == (1, 2)
+    assert (layer2["plus"], layer2["minus"]) == (record["plus"], record["minus"])
 
     # Resume in a fresh trainer built with the original one-layer set: the addition comes back with the checkpoint.
     resumed, resumed_callback = planted_setup(tmp_path / "b", planted=False, adaptive=True, **kwargs)

@@ -15,13 +15,15 @@ import os
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 from test_trainer import lora_model, make_trainer, pad_collator, tiny_latent_set, token_dataset
-from tiny_models import trainer_args
+from tiny_models import tiny_sae, trainer_args
+from transformers import TrainerCallback
 
 from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
 from hf_blockem.hub_cli import main as push_main
@@ -41,8 +43,9 @@ COMMIT_OID = "c" * 40
 
 
 class FakeHub:
-    def __init__(self, fail_commits_with: int | None = None):
+    def __init__(self, fail_commits_with: int | None = None, preupload_gate: threading.Event | None = None):
         self.fail_commits_with = fail_commits_with
+        self.preupload_gate = preupload_gate  # when set, uploads wait for it: a slow Hub while training goes on
         self.commits: list[dict] = []  # {"repo_id", "revision", "message", "files": {path: bytes}}
         self.repos: list[dict] = []
         self.branches: list[tuple[str, str]] = []
@@ -94,6 +97,8 @@ class FakeHub:
                     hub.validated.append(json.loads(body))
                     return self._send(200, {"errors": [], "warnings": []})
                 if re.fullmatch(r"/api/models/[^/]+/[^/]+/preupload/.+", path):
+                    if hub.preupload_gate is not None:
+                        hub.preupload_gate.wait(timeout=60)
                     files = json.loads(body)["files"]
                     modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
                     return self._send(200, {"files": modes, "commitOid": COMMIT_OID})
@@ -212,6 +217,55 @@ def test_every_save_uploads_weights_latent_set_config_and_card_in_one_commit(tmp
     # evaluations given once stay in later cards
     trainer.save_model()
     assert "2.0%" in (out / "README.md").read_text()
+
+
+def test_slow_upload_commits_the_card_and_latent_set_of_the_weights_it_carries(tmp_path, monkeypatch):
+    # The step-1 upload is still waiting on the Hub while steps 2 and 3 save, and step 2 blocks more latents. The
+    # Trainer skips those pushes and leaves the weights in output_dir alone; the run files there must stay those of
+    # step 1 too, or the one commit would pair step-1 weights with the step-3 latent set and card.
+    gate = threading.Event()
+
+    class BlockMoreThenReleaseTheHub(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                trainer.add_blocked_latents(tiny_sae(seed=3), plus=[2, 4], minus=[6], layer=0)
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == args.max_steps:
+                gate.set()
+
+    with FakeHub(preupload_gate=gate) as hub:
+        use_endpoint(monkeypatch, hub.endpoint)
+        trainer = _hub_trainer(tmp_path, max_steps=3, base_activations="adapter")
+        trainer.add_callback(BlockMoreThenReleaseTheHub())
+        trainer.train()
+    out = Path(trainer.args.output_dir)
+    assert [commit["message"] for commit in hub.commits] == ["Training in progress, step 1"]
+    committed = hub.commits[0]["files"]
+    step1, step3 = out / "checkpoint-1", out / "checkpoint-3"
+    assert committed["adapter_model.safetensors"] == (step1 / "adapter_model.safetensors").read_bytes()
+    for name in ("README.md", LATENT_SET_PATH_IN_REPO):
+        assert (step1 / name).read_bytes() != (step3 / name).read_bytes(), name  # step 2 changed them
+    for name in ("README.md", BLOCKEM_CONFIG_NAME, LATENT_SET_PATH_IN_REPO):
+        assert committed[name] == (step1 / name).read_bytes(), name
+    # output_dir catches up with the next save.
+    trainer.save_model()
+    assert (out / LATENT_SET_PATH_IN_REPO).read_bytes() == (step3 / LATENT_SET_PATH_IN_REPO).read_bytes()
+
+
+def test_failed_push_after_training_without_blocking_is_recorded_when_it_ends(tmp_path, monkeypatch, caplog):
+    with FakeHub(fail_commits_with=412) as hub:
+        use_endpoint(monkeypatch, hub.endpoint)
+        trainer = _hub_trainer(tmp_path, hub_strategy="end", save_strategy="no")
+        trainer.train()
+        with caplog.at_level(logging.WARNING, logger="hf_blockem"):
+            job = trainer.push_to_hub(blocking=False)
+            assert "412" in str(job.exception(timeout=60))
+            deadline = time.monotonic() + 10  # the record is written by the upload's thread, just after the future
+            while not trainer.blockem_push_failures and time.monotonic() < deadline:
+                time.sleep(0.05)
+    assert [failure.what for failure in trainer.blockem_push_failures] == ["push_to_hub"]
+    assert f"blockem push {trainer.args.output_dir} --repo-id user/blocked-run" in caplog.text
 
 
 @pytest.mark.parametrize(
