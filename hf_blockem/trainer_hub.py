@@ -124,9 +124,7 @@ class BlockEMHubMixin:
 
     def _blockem_uploading_output_dir(self) -> bool:
         push = getattr(self, "push_in_progress", None)
-        return (
-            self.args.push_to_hub and not self.args.hub_always_push and push is not None and not push.is_done()
-        )
+        return self.args.push_to_hub and not self.args.hub_always_push and push is not None and not push.is_done()
 
     def create_model_card(
         self,
