@@ -3,12 +3,17 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# PyPI's torch for Linux is the CUDA build (several GB of NVIDIA libraries); PyTorch's CPU index has the same release
+# as `2.13.0+cpu`, which the `torch==2.13.0` constraint admits and pip prefers. `make TORCH_INDEX=` uses PyPI's.
+# Only torch is looked up there, with one retry: where that index cannot be reached pip skips it in seconds.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test test-slow lint format clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt torch $(if $(TORCH_INDEX),--retries 1 --extra-index-url $(TORCH_INDEX))
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 

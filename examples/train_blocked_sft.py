@@ -39,12 +39,10 @@ def main(script_args, training_args, model_args) -> None:
 
     logger = get_logger(__name__)
 
-    # The base activations are this model with its adapters disabled, so BLOCK-EM needs a PEFT model.
     if not model_args.use_peft:
-        raise ValueError(
-            "BLOCK-EM compares the model with its own adapters disabled, so it needs LoRA: pass `--use_peft` "
-            "(or `use_peft: true` in the config)."
-        )
+        # Full fine-tuning: z_base comes from a frozen copy of the base model, loaded from the Hub and cut after the
+        # deepest blocked layer (base_activations="reference", what "auto" picks without adapters).
+        logger.info("Full fine-tuning: the base activations come from a truncated reference copy of the base model.")
     model_init_kwargs = dict(
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,

@@ -493,7 +493,7 @@ def _relative_reductions(models: dict[str, Any], control_draws: list[dict[str, A
 def main(argv: list[str] | None = None) -> int:
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(DemoArguments, prog="blockem demo").parse_args_into_dataclasses(args=argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     report = run_demo(args)
     print((Path(args.out) / "report.md").read_text())

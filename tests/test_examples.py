@@ -52,14 +52,13 @@ def test_shipped_config_parses_with_the_scripts_parser(script):
     assert training_args.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
-def test_script_trains_local_model_with_local_latent_set_from_a_yaml_config(tmp_path, script):
+def run_recipe(tmp_path: Path, script, **overrides) -> Path:
+    """The shipped recipe, pointed at local folders and shrunk to two CPU steps; returns its output_dir."""
     model_dir, data_dir, out_dir = tmp_path / "model", tmp_path / "data", tmp_path / "out"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_chat_tokenizer().save_pretrained(model_dir)
     tiny_chat_dataset(16).to_parquet(str(data_dir / "train.parquet"))
     latents_dir = local_latent_set(tmp_path / "latents")
-
-    # The shipped recipe, pointed at the local folders and shrunk to two CPU steps.
     config = yaml.safe_load((EXAMPLES / "train_blocked_sft.yaml").read_text())
     config.update(
         model_name_or_path=str(model_dir),
@@ -84,25 +83,40 @@ def test_script_trains_local_model_with_local_latent_set_from_a_yaml_config(tmp_
         use_cpu=True,
         disable_tqdm=True,
         output_dir=str(out_dir),
+        **overrides,
     )
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-
     script.main(*script.make_parser().parse_args_and_config(["--config", str(config_path)]))
+    return out_dir
 
+
+def blockem_logs(out_dir: Path) -> list[dict]:
+    state = json.loads((out_dir / "checkpoint-2" / "trainer_state.json").read_text())
+    return [entry for entry in state["log_history"] if "blockem/penalty" in entry]
+
+
+def test_script_trains_local_model_with_local_latent_set_from_a_yaml_config(tmp_path, script):
+    out_dir = run_recipe(tmp_path, script)
     assert (out_dir / "adapter_model.safetensors").is_file()
     adapter_config = json.loads((out_dir / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(model_dir)
-    state = json.loads((out_dir / "checkpoint-2" / "trainer_state.json").read_text())
-    logs = [entry for entry in state["log_history"] if "blockem/penalty" in entry]
+    assert adapter_config["base_model_name_or_path"] == str(tmp_path / "model")
+    logs = blockem_logs(out_dir)
     assert [entry["step"] for entry in logs] == [1, 2]
     assert logs[0]["blockem/penalty"] == 0.0  # LoRA B = 0 at the first step
     assert all(entry["blockem/lambda"] == 1.0 for entry in logs)
 
 
-def test_script_refuses_full_fine_tuning(tmp_path, script):
-    script_args, training_args, model_args = script.make_parser().parse_args_and_config(
-        ["--model_name_or_path", "unused", "--dataset_name", "unused", "--output_dir", str(tmp_path), "--use_cpu"]
+def test_script_fine_tunes_fully_against_a_reference_copy(tmp_path, script):
+    # The latent set names a Hub id for its base model; the run says where that model is here.
+    reference = dict(base_activations="reference", base_model_name_or_path=str(tmp_path / "model"))
+    out_dir = run_recipe(tmp_path, script, use_peft=False, **reference)
+    assert (out_dir / "model.safetensors").is_file() and not (out_dir / "adapter_config.json").exists()
+    assert (
+        json.loads((out_dir / "blockem_config.json").read_text())["base_activations_source"]
+        == "ReferenceBaseActivations"
     )
-    with pytest.raises(ValueError, match="use_peft"):
-        script.main(script_args, training_args, model_args)
+    logs = blockem_logs(out_dir)
+    z, z_base = "blockem/layer_1/latent_1/z", "blockem/layer_1/latent_1/z_base"
+    assert logs[0][z] == logs[0][z_base] and logs[0]["blockem/penalty"] == 0.0  # the base model until the first update
+    assert logs[1][z] != logs[1][z_base]  # then the tuned model moves away from the frozen reference

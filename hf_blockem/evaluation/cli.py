@@ -62,7 +62,10 @@ class EvaluateArguments:
 
     model: str = field(metadata={"help": "Hub id or local path of the chat model to evaluate."})
     judge: list[str] = field(
-        metadata={"help": "Judges: `openai:MODEL` and/or `local:MODEL_ID_OR_PATH`; the first is the primary judge."}
+        metadata={
+            "help": "Judges: `openai:MODEL`, `local:MODEL_ID_OR_PATH` and/or `organism:DIR` (the exact judge of a "
+            "model organism); the first is the primary judge."
+        }
     )
     adapter: str | None = field(default=None, metadata={"help": "Hub id or local path of a PEFT adapter."})
     revision: str | None = field(default=None, metadata={"help": "Revision of the model (branch, tag or commit)."})
