@@ -122,8 +122,16 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             capture.detach()
 
     def train(self, *args, **kwargs):
-        with self._blockem_hooks():
-            output = super().train(*args, **kwargs)
+        from .diagnostics.callback import BlockEMCallback
+
+        try:
+            with self._blockem_hooks():
+                output = super().train(*args, **kwargs)
+        finally:
+            # A run that raises never reaches on_train_end, where the diagnostics callback removes its hooks.
+            for callback in self.callback_handler.callbacks:
+                if isinstance(callback, BlockEMCallback):
+                    callback.remove_hooks()
         self._blockem_report_pushes()
         return output
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 
 import pytest
 import torch
@@ -215,6 +216,29 @@ def planted_setup(tmp_path, *, planted: bool, adaptive: bool = False, **override
     if planted:
         trainer.add_callback(Plant(model, values, at=1))
     return trainer, callback
+
+
+def test_hooks_are_removed_when_training_raises_and_not_stacked_by_the_next_run(tmp_path):
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("boom")
+
+    trainer, callback = planted_setup(tmp_path, planted=False, max_steps=3)
+    layers = get_decoder_layers(trainer.model)
+    hooks_before = [len(layer._forward_hooks) for layer in layers]
+    boom = Boom()
+    trainer.add_callback(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert [len(layer._forward_hooks) for layer in layers] == hooks_before
+    assert callback._capture is None and callback._base_hidden == {}
+    assert pickle.loads(pickle.dumps(trainer.model)) is not None  # no hook closure left on it
+
+    trainer.remove_callback(boom)
+    trainer.train()  # the run again, from the start: one set of hooks, the same measurements
+    assert [e["step"] for e in diag_entries(trainer)][-3:] == [1, 2, 3]
+    assert [len(layer._forward_hooks) for layer in layers] == hooks_before
 
 
 @pytest.mark.parametrize("planted", [True, False])

@@ -190,6 +190,7 @@ class BlockEMCallback(TrainerCallback):
     # ---- lifecycle ----
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.remove_hooks()  # left by a run that raised: never stack a second set
         # On resume the Trainer restores ExportableState callbacks only with `restore_callback_states_from_checkpoint`;
         # the diagnostics are part of the run (the adaptive budget depends on them), so restore them regardless.
         saved = (state.stateful_callbacks or {}).get(BlockEMDiagnosticsState.__name__)
@@ -217,7 +218,7 @@ class BlockEMCallback(TrainerCallback):
         try:
             self._base_hidden = self._compute_base(model, layers, state.global_step)
         except BaseException:
-            self._remove_hooks()
+            self.remove_hooks()
             raise
 
     def _compute_base(self, model, layers: list[int], step: int) -> dict[int, torch.Tensor]:
@@ -259,10 +260,16 @@ class BlockEMCallback(TrainerCallback):
         self._write_files(args, state)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._remove_hooks()
+        self.remove_hooks()
         self._write_files(args, state)
 
-    def _remove_hooks(self) -> None:
+    def remove_hooks(self) -> None:
+        """Detaches the callback's hooks from the model and drops the activations it holds.
+
+        Runs at the end of training. The Trainer does not end a run that raises, so the BLOCK-EM trainers call it
+        then; with another `Trainer`, call it after an exception to get a model that pickles and holds no probe
+        activations. A later `train()` attaches the hooks again.
+        """
         if self._capture is not None:
             self._capture.detach()
         self._capture = None
