@@ -15,7 +15,7 @@ from transformers import Trainer
 from trl import SFTTrainer
 
 from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_base_activations
-from .hooks import ActivationCapture, tokens_at_mask, unwrap_model
+from .hooks import ActivationCapture, get_decoder_layers, tokens_at_mask, unwrap_model
 from .latent_set import LATENT_SET_FILENAME, LatentSet
 from .penalty import block_penalty_sum, loss_token_mask
 from .run_files import LATENT_SET_SUBFOLDER, check_strict_latent_set
@@ -207,11 +207,12 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
 
     def _check_gradient_path(self, model, capture: ActivationCapture, hidden: dict[int, torch.Tensor]) -> None:
         # A hook inside a reentrant checkpoint sees a tensor computed under no-grad: the penalty would silently
-        # train nothing. Only complain when the layer itself has trainable weights, so its output must have a grad.
+        # train nothing. Complain only when something trainable feeds the layer, so that its output must have a
+        # gradient (LoRA on later layers only cannot move the blocked latents, and leaves nothing to train here).
         if not (model.training and torch.is_grad_enabled()):
             return
         for layer, tensor in hidden.items():
-            if not tensor.requires_grad and any(p.requires_grad for p in capture.module(layer).parameters()):
+            if not tensor.requires_grad and any(p.requires_grad for p in _parameters_feeding(model, layer)):
                 raise RuntimeError(
                     f"The activation captured at decoder layer {layer} has no gradient path, so the BLOCK-EM "
                     "penalty would not train anything. This happens with reentrant gradient checkpointing when "
@@ -399,6 +400,21 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             if (record["layer"], record["plus"], record["minus"]) not in done:
                 addition = saved.layer(record["layer"]).select(record["plus"], record["minus"])
                 self._blockem_apply_addition(addition, dict(record))
+
+
+def _parameters_feeding(model, layer: int) -> Iterator[torch.nn.Parameter]:
+    """The parameters decoder layer `layer`'s output depends on: layers 0 to `layer`, the input embeddings, and a PEFT
+    prompt encoder (prompt and prefix tuning)."""
+    from .base_activations.adapter import peft_model_of
+
+    for module in get_decoder_layers(model)[: layer + 1]:
+        yield from module.parameters()
+    embeddings = unwrap_model(model).get_input_embeddings()
+    if embeddings is not None:
+        yield from embeddings.parameters()
+    prompt_encoder = getattr(peft_model_of(model), "prompt_encoder", None)
+    if prompt_encoder is not None:
+        yield from prompt_encoder.parameters()
 
 
 def _weighted_mean(values: list[float], weights: list[float] | None) -> float | None:

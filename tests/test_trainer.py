@@ -578,9 +578,16 @@ def test_refuses_missing_latent_set_and_unknown_mode(tmp_path):
         BlockEMConfig(output_dir=str(tmp_path), base_activations="telepathy")
 
 
-def test_reentrant_hook_without_gradient_path_is_refused(tmp_path):
+@pytest.mark.parametrize("lora_layers", [None, [0]], ids=["lora_everywhere", "lora_before_the_hook_only"])
+def test_reentrant_hook_without_gradient_path_is_refused(tmp_path, lora_layers):
     # Simulate a transformers version whose checkpoint wraps the layer's hooks: run the hooked layer under no_grad.
-    model = lora_model(perturb=0.5)
+    # With LoRA on layer 0 only, the hooked layer has no trainable weight of its own, yet its output must have a
+    # gradient through layer 0.
+    if lora_layers is None:
+        model = lora_model(perturb=0.5)
+    else:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, layers_to_transform=lora_layers)
+        model = get_peft_model(tiny_model("llama"), config)
     trainer = make_trainer(tmp_path, model)
     layer = get_decoder_layers(model)[LAYER]
     original = layer.forward
