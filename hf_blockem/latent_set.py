@@ -140,8 +140,11 @@ class LatentSet(
             raise ValueError(f"Expected each decoder layer at most once, got layers {indices}; merge their latents.")
         if not isinstance(base_model, str) or not base_model:
             raise ValueError(f"Expected `base_model` to be a non-empty Hub id or path, got {base_model!r}.")
-        if base_model_revision is not None and not isinstance(base_model_revision, str):
-            raise ValueError(f"Expected `base_model_revision` to be a string or None, got {base_model_revision!r}.")
+        if base_model_revision is not None and (not isinstance(base_model_revision, str) or not base_model_revision):
+            raise ValueError(
+                f"Expected `base_model_revision` to be a non-empty string (ideally a commit) or None when unknown, got "
+                f"{base_model_revision!r}."
+            )
         if not is_int(d_in) or d_in < 1:
             raise ValueError(f"Expected `d_in` to be a positive int, got {d_in!r}.")
         for layer in layers:
@@ -159,6 +162,7 @@ class LatentSet(
         self.library_version = _library_version()
         self.resolved_commit: str | None = None
         self.source: str | None = None
+        self.loaded_strictly = False  # set by `from_pretrained(strict=True)`: pinned commit and checksum checked
         try:
             json.dumps(self.to_dict())  # metadata, provenance dicts and module paths end up in the file's JSON
         except (TypeError, ValueError) as error:
@@ -396,8 +400,10 @@ class LatentSet(
             pretrained_model_name_or_path (`str` or `Path`): Hub repo id, local folder or file.
             revision (`str`, *optional*): branch, tag or commit on the Hub.
             token, cache_dir, force_download, local_files_only: as in `huggingface_hub.hf_hub_download`.
-            strict (`bool`, *optional*, defaults to `False`): require a 40-hex commit `revision` for Hub repos and a
-                checksum in the file.
+            strict (`bool`, *optional*, defaults to `False`): require a 40-hex commit `revision` for Hub repos, a
+                checksum in the file and the base model's revision in its metadata. The checksum catches files
+                changed after they were written, not a hostile author (who can recompute it): the pinned commit is
+                what ties the set to the version you reviewed.
             filename (`str`, *optional*, defaults to `"latent_set.safetensors"`): file name inside the repo/folder.
             subfolder (`str`, *optional*): folder inside the repo/folder, for example `"latent_set"` in a blocked
                 checkpoint's repo (relative, no `..`).
@@ -486,6 +492,7 @@ class LatentSet(
         latent_set = _load_file(path, strict=strict)
         latent_set.resolved_commit = resolved_commit
         latent_set.source = model_id
+        latent_set.loaded_strictly = strict
         return latent_set
 
 
@@ -640,6 +647,11 @@ def _load_file(path: str, *, strict: bool) -> LatentSet:
         )
     except ValueError as error:
         raise LatentSetFormatError(f"{path}: {error}") from error
+    if strict and latent_set.base_model_revision is None:
+        raise LatentSetFormatError(
+            f"{path}: strict=True needs the revision of the base model the latents were found on, the file records "
+            "none. Ask its author for a set saved with `base_model_revision=` (a commit), or load it without strict."
+        )
     # The checksum is checked last so that a malformed file is reported by its specific defect.
     if checksum is None and strict:
         raise LatentSetFormatError(f"{path}: strict=True needs a checksum in the metadata, the file has none.")

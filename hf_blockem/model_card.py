@@ -285,6 +285,7 @@ def generate_blocked_model_card(
         datasets=list(datasets or []),
         peft=peft,
         latent_set_ref=latent_set.get("reference", "not recorded"),
+        latent_set_path=latent_set.get("path_in_repo"),
         latent_set_subfolder=posixpath.dirname(latent_set.get("path_in_repo") or ""),
         latent_set_source=latent_set.get("source"),
         latent_set_commit=latent_set.get("resolved_commit"),

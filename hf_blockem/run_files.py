@@ -62,10 +62,14 @@ def check_strict_latent_set(latent_set: str | LatentSet | None, revision: str | 
     if not strict:
         return
     if isinstance(latent_set, LatentSet):
-        if latent_set.source is None:
+        if not latent_set.loaded_strictly:
+            received = (
+                "one built in memory" if latent_set.source is None else f"{latent_set.source!r} loaded without it"
+            )
             raise ValueError(
-                "latent_set_strict=True needs a latent set loaded from a pinned Hub commit or a file, received one "
-                "built in memory (no `source`). Save it and load it with `LatentSet.from_pretrained(..., strict=True)`."
+                "latent_set_strict=True needs a latent set loaded with `LatentSet.from_pretrained(..., strict=True)` "
+                f"(a pinned commit, checksum and base-model revision checked), received {received}. Load it that "
+                "way, or pass the repo id and `latent_set_revision` instead of the object."
             )
         return
     if isinstance(latent_set, str) and not os.path.exists(latent_set) and not is_commit_hash(revision):

@@ -28,7 +28,7 @@ def sae(d_sae: int = 16, seed: int = 0):
 def with_directions() -> LatentSet:
     part = LatentSet.from_sae(sae(), plus=[1, 4], minus=[9], layer=2, base_model="org/base")
     directions = {2: torch.randn(D_IN), 5: torch.randn(D_IN)}
-    return LatentSet(part.layers, base_model="org/base", d_in=D_IN, directions=directions)
+    return LatentSet(part.layers, base_model="org/base", base_model_revision="v1", d_in=D_IN, directions=directions)
 
 
 def test_directions_round_trip_and_concatenate(tmp_path):
@@ -38,7 +38,7 @@ def test_directions_round_trip_and_concatenate(tmp_path):
     assert sorted(loaded.directions) == [2, 5]
     for layer, vector in latent_set.directions.items():
         assert torch.equal(loaded.directions[layer], vector)
-    other = LatentSet.from_sae(sae(seed=1), plus=[3], layer=6, base_model="org/base")
+    other = LatentSet.from_sae(sae(seed=1), plus=[3], layer=6, base_model="org/base", base_model_revision="v1")
     merged = LatentSet.concatenate([loaded, other])
     assert merged.layer_indices == [2, 6] and sorted(merged.directions) == [2, 5]
 

@@ -366,6 +366,12 @@ def test_strict_mode_refuses_unpinned_latent_sets(tmp_path, monkeypatch):
         _trainer_from_config(tmp_path, latent_set_revision="main", latent_set_strict=True)
     with pytest.raises(ValueError, match="built in memory"):
         make_trainer(tmp_path, lora_model(), latent_set_strict=True)
+    # An object passes only if it was itself loaded strictly: strict mode is not bypassed by loading it first.
+    loose = LatentSet.from_pretrained("org/latents", revision="main")
+    with pytest.raises(ValueError, match="'org/latents' loaded without it"):
+        make_trainer(tmp_path, lora_model(), latent_set=loose, latent_set_strict=True)
+    pinned = LatentSet.from_pretrained("org/latents", revision="b" * 40, strict=True)
+    assert make_trainer(tmp_path, lora_model(), latent_set=pinned, latent_set_strict=True).latent_set is pinned
     # Not strict: a branch is fine, and the commit it resolved to is still recorded.
     trainer = _trainer_from_config(tmp_path)
     assert trainer._blockem_config["latent_set"]["resolved_commit"] == "b" * 40

@@ -161,12 +161,13 @@ def test_from_sae_refusals():
         LatentSet.from_sae(make_sae(normalize="expected_average_only_in"), plus=[1], base_model="tiny")
 
 
+BASE = {"base_model": "m", "base_model_revision": "r" * 40}
+
+
 def multi_layer_set():
     sets = [
-        LatentSet.from_sae(
-            make_sae("jumprelu", hook="blocks.3.hook_resid_post"), plus=[1, 2], minus=[3], base_model="m"
-        ),
-        LatentSet.from_sae(make_sae("standard", hook="blocks.1.hook_resid_post"), plus=[4], base_model="m"),
+        LatentSet.from_sae(make_sae("jumprelu", hook="blocks.3.hook_resid_post"), plus=[1, 2], minus=[3], **BASE),
+        LatentSet.from_sae(make_sae("standard", hook="blocks.1.hook_resid_post"), plus=[4], **BASE),
     ]
     sets[0].metadata["selection"] = {"domain": "medical"}
     return LatentSet.concatenate(sets)
@@ -179,7 +180,8 @@ def test_concatenate_and_accessors():
     with pytest.raises(KeyError, match=r"blocked layers: \[1, 3\]"):
         latent_set.layer(2)
     assert repr(latent_set) == (
-        "LatentSet(base_model=m, d_in=32, layers=[L1: |K+|=1 |K-|=0 (standard), L3: |K+|=2 |K-|=1 (jumprelu)])"
+        f"LatentSet(base_model=m@{'r' * 40}, d_in=32, "
+        "layers=[L1: |K+|=1 |K-|=0 (standard), L3: |K+|=2 |K-|=1 (jumprelu)])"
     )
     with pytest.raises(ValueError, match="at most once"):
         LatentSet.concatenate([latent_set, latent_set])
@@ -231,7 +233,15 @@ def assert_same(a: LatentSet, b: LatentSet):
 def test_round_trip_single_layer(tmp_path):
     sae = make_sae("jumprelu", normalize="constant_norm_rescale", apply_b_dec_to_input=False)
     stats = {"delta": torch.linspace(-1, 1, 6), "alpha": torch.ones(6)}
-    latent_set = LatentSet.from_sae(sae, plus=PLUS, minus=MINUS, base_model="m", statistics=stats, sae_commit="c" * 40)
+    latent_set = LatentSet.from_sae(
+        sae,
+        plus=PLUS,
+        minus=MINUS,
+        base_model="m",
+        base_model_revision="r" * 40,
+        statistics=stats,
+        sae_commit="c" * 40,
+    )
     latent_set.save_pretrained(tmp_path)
     # One tensor file and the card; no config.json, nothing pickled.
     assert sorted(os.listdir(tmp_path)) == ["README.md", LATENT_SET_FILENAME]
@@ -314,8 +324,11 @@ def test_load_from_a_subfolder_locally_and_from_the_hub_cache(tmp_path):
     )
     assert_same(latent_set, loaded)
     assert loaded.resolved_commit == commit
-    for bad in ("../elsewhere", "/abs", "a//b", "."):
-        with pytest.raises(LatentSetFormatError, match="subfolder"):
+    # Each of these paths holds a valid set, so only the check on `subfolder` stops the load.
+    for where in (tmp_path / "elsewhere", tmp_path / "run" / "a" / "b", tmp_path / "run"):
+        latent_set.save_pretrained(where)
+    for bad in ("../elsewhere", str(tmp_path / "elsewhere"), "a//b", "."):
+        with pytest.raises(LatentSetFormatError, match="relative path without '.', '..' or empty parts"):
             LatentSet.from_pretrained(tmp_path / "run", subfolder=bad)
     with pytest.raises(LatentSetFormatError, match="subfolder 'nothing'"):
         LatentSet.from_pretrained(tmp_path / "run", subfolder="nothing")

@@ -133,6 +133,7 @@ BAD_FILES = {
         set_key("base_model_revision", DELETE),
         r"missing required metadata keys \['base_model_revision'\]",
     ),
+    "empty base revision": (set_key("base_model_revision", ""), "non-empty string .* or None when unknown, got ''"),
     "missing format_version": (set_key("format_version", DELETE), "integer format_version >= 1, got None"),
     "newer format_version": (set_key("format_version", 2), "format_version 2 is newer.*upgrade hf_blockem"),
     "missing hook_name": (set_key("hook_name", DELETE, layer=True), r"missing required metadata keys \['hook_name'\]"),
@@ -270,6 +271,15 @@ def test_strict_needs_a_checksum(tmp_path):
     write(tmp_path, tensors, description)
     assert LatentSet.from_pretrained(tmp_path).n_latents == 4
     with pytest.raises(LatentSetFormatError, match="strict=True needs a checksum"):
+        LatentSet.from_pretrained(tmp_path, strict=True)
+
+
+def test_strict_needs_the_base_model_revision(tmp_path):
+    unpinned = good_set()
+    unpinned.base_model_revision = None  # "unknown": accepted, but not when the user asked for a reviewed set
+    unpinned.save_pretrained(tmp_path)
+    assert LatentSet.from_pretrained(tmp_path).base_model_revision is None
+    with pytest.raises(LatentSetFormatError, match="strict=True needs the revision of the base model"):
         LatentSet.from_pretrained(tmp_path, strict=True)
 
 

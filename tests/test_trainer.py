@@ -27,9 +27,17 @@ from hf_blockem.penalty import block_penalty_sum, loss_token_mask
 LAYER = 1
 
 
+BASE_REVISION = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"  # of the (imaginary) Hub base model: strict loads need one
+
+
 def tiny_latent_set(layer: int = LAYER, plus=(1, 5, 9), minus=(7, 12), d_in: int = HIDDEN) -> LatentSet:
     return LatentSet.from_sae(
-        tiny_sae(d_in=d_in), plus=list(plus), minus=list(minus), layer=layer, base_model="tests/tiny-llama"
+        tiny_sae(d_in=d_in),
+        plus=list(plus),
+        minus=list(minus),
+        layer=layer,
+        base_model="tests/tiny-llama",
+        base_model_revision=BASE_REVISION,
     )
 
 
