@@ -147,9 +147,11 @@ def test_base_activations_equal_pristine_base_model_and_penalty_is_zero_at_init(
 
 
 def test_base_activations_ignore_perturbed_adapters_and_dropout(tmp_path):
+    # Dropout in the model itself (attention dropout 0.5, as GPT-2-style configs have by default), not only in LoRA:
+    # PEFT skips LoRA's dropout when the adapters are off, so only the eval-mode base pass removes the model's.
     pristine = tiny_model("llama")
     model = get_peft_model(
-        tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=LORA_TARGETS)
+        tiny_model("llama", dropout=0.5), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=LORA_TARGETS)
     )
     with torch.no_grad():
         for name, param in model.named_parameters():

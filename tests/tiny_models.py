@@ -48,12 +48,13 @@ CONFIGS = {
 }
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32):
+def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, dropout: float = 0.0):
+    """A tiny model of `arch` with seeded weights, in eval mode; every dropout of its config is set to `dropout`."""
     torch.manual_seed(seed)
     config = CONFIGS[arch]()
     for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(config, name):
-            setattr(config, name, 0.0)
+            setattr(config, name, dropout)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
