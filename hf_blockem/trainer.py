@@ -72,6 +72,10 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
     """
 
     def __init__(self, *args, latent_set: LatentSet | str | None = None, **kwargs):
+        # The latent set first: a wrong repo id or a refused file then fails in seconds, before the Trainer loads the
+        # model (maybe a 7B download) and tokenises the dataset.
+        given_args = kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        early = _configured_latent_set(given_args, latent_set) if hasattr(given_args, "latent_set") else None
         super().__init__(*args, **kwargs)
         for name in ("block_lambda", "base_activations"):
             if not hasattr(self.args, name):
@@ -79,12 +83,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
                     f"{type(self).__name__} needs BLOCK-EM training arguments (field `{name}` is missing from "
                     f"{type(self.args).__name__}): use BlockEMConfig or BlockEMSFTConfig instead."
                 )
-        self.latent_set = load_latent_set(
-            latent_set if latent_set is not None else self.args.latent_set,
-            revision=self.args.latent_set_revision,
-            token=getattr(self.args, "hub_token", None),
-            strict=getattr(self.args, "latent_set_strict", False),
-        )
+        self.latent_set = early if early is not None else _configured_latent_set(self.args, latent_set)
         inner = unwrap_model(self.model)
         self.latent_set.validate_for_model(inner.config)
         self._blockem_capture = ActivationCapture(self.model, self.latent_set.layer_indices)
@@ -400,6 +399,16 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             if (record["layer"], record["plus"], record["minus"]) not in done:
                 addition = saved.layer(record["layer"]).select(record["plus"], record["minus"])
                 self._blockem_apply_addition(addition, dict(record))
+
+
+def _configured_latent_set(args, latent_set: LatentSet | str | None) -> LatentSet:
+    """The trainer's `latent_set=` argument, or else the one the config names, loaded with the config's options."""
+    return load_latent_set(
+        latent_set if latent_set is not None else args.latent_set,
+        revision=args.latent_set_revision,
+        token=getattr(args, "hub_token", None),
+        strict=getattr(args, "latent_set_strict", False),
+    )
 
 
 def _parameters_feeding(model, layer: int) -> Iterator[torch.nn.Parameter]:

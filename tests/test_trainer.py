@@ -17,6 +17,7 @@ from tiny_models import (
     tiny_model,
     tiny_sae,
     trainer_args,
+    training_args,
 )
 from transformers import DataCollatorForLanguageModeling, TrainerCallback
 
@@ -586,6 +587,15 @@ def test_refuses_missing_latent_set_and_unknown_mode(tmp_path):
         BlockEMTrainer(model=lora_model(), args=BlockEMConfig(output_dir=str(tmp_path), report_to="none"))
     with pytest.raises(ValueError, match="base_activations"):
         BlockEMConfig(output_dir=str(tmp_path), base_activations="telepathy")
+
+
+def test_a_bad_latent_set_fails_before_the_model_is_loaded(tmp_path):
+    # The model id does not exist either; the latent set's error must come first (no model download, no dataset
+    # tokenising for a run that cannot start).
+    args = BlockEMSFTConfig(**training_args(tmp_path, bf16=False, latent_set=str(tmp_path / "no-such-set")))
+    with pytest.raises(Exception, match="no-such-set") as error:
+        BlockEMSFTTrainer(model="org/model-that-does-not-exist", args=args, train_dataset=tiny_chat_dataset(4))
+    assert "model-that-does-not-exist" not in str(error.value)
 
 
 @pytest.mark.parametrize("lora_layers", [None, [0]], ids=["lora_everywhere", "lora_before_the_hook_only"])
