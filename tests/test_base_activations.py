@@ -12,7 +12,7 @@ from test_trainer import LAYER, hidden_at, lora_model, pad_collator, tiny_latent
 from tiny_models import tiny_chat_tokenizer, tiny_model, tiny_sae, trainer_args
 from transformers import TrainerCallback
 
-from hf_blockem import BlockEMConfig, BlockEMTrainer
+from hf_blockem import BlockEMConfig, BlockEMTrainer, LatentSet
 from hf_blockem.base_activations import (
     CACHED_Z_BASE_KEY,
     AdapterBaseActivations,
@@ -251,11 +251,16 @@ def test_a_changed_key_rebuilds_the_cache_and_an_unchanged_one_loads_it(tmp_path
     assert build().built
 
 
+def _from_repo(latent_set: LatentSet, commit: str) -> LatentSet:
+    latent_set.source, latent_set.resolved_commit = "org/latents", commit  # as `from_pretrained` records them
+    return latent_set
+
+
 def test_every_key_component_changes_the_key(tmp_path):
     data = token_dataset(8)
     tokenizer = tiny_chat_tokenizer()
     base = dict(
-        latent_set=tiny_latent_set(),
+        latent_set=_from_repo(tiny_latent_set(), "c" * 40),
         model={"name_or_path": "m", "revision": None, "weights": "sha256:0"},
         dataset=data,
         tokenizer=tokenizer,
@@ -276,10 +281,14 @@ def test_every_key_component_changes_the_key(tmp_path):
     assert key_digest(cache_key(**base)) == reference  # deterministic
     for name, value in changes.items():
         assert key_digest(cache_key(**{**base, name: value})) != reference, name
-    # The latent set's checksum covers its encoder weights, not just its ids.
-    edited = tiny_latent_set()
+    # The latent set's checksum covers its encoder weights, not just its ids; the same ids at another layer, or the
+    # same repo at another commit, are other sets too.
+    edited = _from_repo(tiny_latent_set(), "c" * 40)
     edited.layers[0].b_enc[0] += 1.0
-    assert key_digest(cache_key(**{**base, "latent_set": edited})) != reference
+    other_layer = _from_repo(tiny_latent_set(layer=LAYER + 1), "c" * 40)
+    other_commit = _from_repo(tiny_latent_set(), "d" * 40)
+    for name, other in {"edited": edited, "other layer": other_layer, "other commit": other_commit}.items():
+        assert key_digest(cache_key(**{**base, "latent_set": other})) != reference, name
 
 
 # ---- the truncated reference --------------------------------------------------------------------------------------

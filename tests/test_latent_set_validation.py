@@ -165,6 +165,7 @@ BAD_FILES = {
     "int W_enc": (set_tensor("layers.2.W_enc", lambda t: t.to(torch.int32)), "'layers.2.W_enc' to be torch.float32"),
     "fp16 b_dec": (set_tensor("layers.2.b_dec", lambda t: t.half()), "'layers.2.b_dec' to be torch.float32"),
     "float latent ids": (ids([4.0, 1.0], [9.0], torch.float32), "1-D latent ids of torch.int64, got torch.float32"),
+    "2-D latent ids": (ids([4, 1], [[9]]), r"1-D latent ids of torch.int64, got torch.int64 of shape \[1, 1\]"),
     "W_enc transposed": (set_tensor("layers.2.W_enc", lambda t: t.T.contiguous()), r"W_enc of shape \[3, 3\]"),
     "b_enc wrong shape": (set_tensor("layers.2.b_enc", torch.ones(4)), r"b_enc of shape \[3\].*got \[4\]"),
     "b_dec wrong shape": (set_tensor("layers.2.b_dec", torch.ones(7)), r"b_dec of shape \[8\].*got \[7\]"),
