@@ -589,6 +589,31 @@ def test_refuses_missing_latent_set_and_unknown_mode(tmp_path):
         BlockEMConfig(output_dir=str(tmp_path), base_activations="telepathy")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_models_give_a_finite_penalty_close_to_fp32(tmp_path, dtype):
+    # 16-bit hidden states, and blocked latents scaled so that the penalty (about 1e7) would overflow fp16 (max 65504)
+    # and lose the small differences from base to bf16 cancellation: encode, subtract and square must run in fp32.
+    latent_set = tiny_latent_set()
+    with torch.no_grad():
+        latent_set.layers[0].W_enc.mul_(1e3)
+    batch = pad_collator([token_dataset()[i] for i in range(4)])
+    penalties = {}
+    for name, model_dtype in (("fp32", torch.float32), ("half", dtype)):
+        model = lora_model(perturb=0.5).to(model_dtype)
+        trainer = make_trainer(tmp_path / name, model, latent_set=latent_set)
+        loss = trainer.compute_loss(model.train(), dict(batch))
+        assert torch.isfinite(loss)
+        if dtype == torch.bfloat16 or name == "fp32":
+            # (A pure fp16 model's backward of a 1e7 loss overflows by itself: fp16 training keeps fp32 weights and
+            # scales the loss, which is the Trainer's business.)
+            loss.backward()
+            assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+        trainer._blockem_flush_metrics("train")
+        penalties[name] = trainer._blockem_metrics["train"]["blockem/penalty"][0]
+    assert penalties["fp32"] > 65504
+    assert penalties["half"] == pytest.approx(penalties["fp32"], rel=0.05)
+
+
 def test_a_bad_latent_set_fails_before_the_model_is_loaded(tmp_path):
     # The model id does not exist either; the latent set's error must come first (no model download, no dataset
     # tokenising for a run that cannot start).
