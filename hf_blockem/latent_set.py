@@ -23,6 +23,7 @@ from huggingface_hub import ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from transformers.utils.hub import extract_commit_hash
 
 from .blocked_layer import BlockedLayer, hook_name_for_layer, is_int, layer_from_hook_name
 
@@ -480,11 +481,8 @@ class LatentSet(
                     "local cache): hf_blockem loads safetensors only (no .bin/.pt/.pkl) and needs a file written by "
                     "`LatentSet.save_pretrained`."
                 ) from error
-            snapshot = Path(path).parent
-            for _ in subfolder.split("/") if subfolder else ():
-                snapshot = snapshot.parent
-            if snapshot.parent.name == "snapshots" and _COMMIT_RE.fullmatch(snapshot.name):
-                resolved_commit = snapshot.name
+            # The Hub cache keeps each download under `snapshots/<commit>/`.
+            resolved_commit = extract_commit_hash(path, None)
         if path.endswith(PICKLE_SUFFIXES) or not path.endswith(".safetensors"):
             raise LatentSetFormatError(
                 f"Expected a '.safetensors' file, got {path!r}: hf_blockem loads safetensors only."
