@@ -178,7 +178,10 @@ class BlockedLayer:
                     f"latents), got {list(tensor.shape)}."
                 )
             if not torch.isfinite(tensor).all():
-                raise ValueError(f"Layer {self.layer}: {name} contains NaN or Inf values.")
+                raise ValueError(
+                    f"Layer {self.layer}: {name} contains NaN or Inf values; expected finite SAE weights. Check the SAE "
+                    "it was built from (a diverged training run?) and build the latent set again."
+                )
         bad_names = [k for k in self.statistics if not _STAT_NAME_RE.fullmatch(k)]
         if bad_names:
             raise ValueError(f"Layer {self.layer}: statistic names must match [A-Za-z0-9_]+, got {bad_names}.")
@@ -190,14 +193,17 @@ class BlockedLayer:
 
     @property
     def latent_ids(self) -> list[int]:
+        """K+ then K-, the order of the encoder columns."""
         return self.plus + self.minus
 
     @property
     def n_latents(self) -> int:
+        """Blocked latents at this layer (K+ and K-)."""
         return len(self.plus) + len(self.minus)
 
     @property
     def d_in(self) -> int:
+        """Width of the residual stream the encoder reads."""
         return self.W_enc.shape[0]
 
     @property

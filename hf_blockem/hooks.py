@@ -164,6 +164,7 @@ class ActivationCapture:
 
     @property
     def attached(self) -> bool:
+        """Whether the hooks are registered on the model."""
         return bool(self._handles)
 
     def watch(self, layers: Iterable[int]) -> None:
@@ -183,6 +184,7 @@ class ActivationCapture:
             self.attach()
 
     def attach(self) -> ActivationCapture:
+        """Registers the forward hooks (idempotent) and returns the capture; `detach` removes them."""
         if self._handles:
             return self
         decoder_layers = get_decoder_layers(self.model)
@@ -204,6 +206,7 @@ class ActivationCapture:
         return self._modules[layer]
 
     def detach(self) -> None:
+        """Removes every hook and drops any captured activation (safe to call twice)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -240,7 +243,10 @@ class ActivationCapture:
         if not self._handles:
             raise RuntimeError("ActivationCapture.window() needs attached hooks: call attach() or use `with`.")
         if self._captured is not None:
-            raise RuntimeError("ActivationCapture windows cannot be nested.")
+            raise RuntimeError(
+                "ActivationCapture windows cannot be nested: a window is already open on layers "
+                f"{self.layers}. Close it (leave its `with` block) before opening another."
+            )
         captured: dict[int, torch.Tensor] = {}
         self._captured = captured
         self._stop_after = self.layers[-1] if stop_after_last else None

@@ -16,14 +16,17 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from huggingface_hub import ModelHubMixin, hf_hub_download
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.utils.hub import extract_commit_hash
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 from .blocked_layer import BlockedLayer, hook_name_for_layer, is_int, layer_from_hook_name
 
@@ -173,14 +176,17 @@ class LatentSet(
 
     @property
     def layer_indices(self) -> list[int]:
+        """The blocked decoder layers, in increasing order."""
         return [layer.layer for layer in self.layers]
 
     @property
     def deepest_layer(self) -> int:
+        """The last blocked decoder layer: base passes can stop after it."""
         return self.layers[-1].layer
 
     @property
     def n_latents(self) -> int:
+        """Blocked latents over all layers (K+ and K-)."""
         return sum(layer.n_latents for layer in self.layers)
 
     def layer(self, index: int) -> BlockedLayer:
@@ -190,7 +196,7 @@ class LatentSet(
                 return layer
         raise KeyError(f"Layer {index} is not blocked by this latent set; blocked layers: {self.layer_indices}.")
 
-    def validate_for_model(self, config) -> None:
+    def validate_for_model(self, config: PretrainedConfig) -> None:
         """Checks that the set fits a model: `d_in` equals its hidden size and every layer exists.
 
         Args:
@@ -351,7 +357,7 @@ class LatentSet(
         revision = f"@{self.base_model_revision}" if self.base_model_revision else ""
         return f"LatentSet(base_model={self.base_model}{revision}, d_in={self.d_in}, layers=[{layers}])"
 
-    def generate_model_card(self, *args, **kwargs):
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The repo's card (what the latents are, the SAE and its commit, selection figures, usage); see
         `hf_blockem.latent_set_card`. `save_pretrained(..., model_card_kwargs={"repo_id": ...})` names the repo."""
         from .latent_set_card import latent_set_model_card
@@ -575,7 +581,10 @@ def _load_file(path: str, *, strict: bool) -> LatentSet:
         where = f"{path} layer {entry.get('layer')!r}"
         _check_keys(where, entry, _REQUIRED_LAYER_KEYS, _OPTIONAL_LAYER_KEYS)
         if not is_int(entry["layer"]) or not isinstance(entry["sae"], dict) or not is_int(entry["sae"].get("d_sae")):
-            raise LatentSetFormatError(f"{where}: expected an int 'layer' and an 'sae' object with an int 'd_sae'.")
+            raise LatentSetFormatError(
+                f"{where}: expected an int 'layer' and an 'sae' object with an int 'd_sae', got layer "
+                f"{entry['layer']!r} and sae {entry['sae']!r}."
+            )
         prefix = f"layers.{entry['layer']}."
         values = {
             name[len(prefix) :]: t

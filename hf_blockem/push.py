@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import HfApi
+from huggingface_hub import CommitInfo, HfApi
 
 from .run_files import BLOCKEM_CONFIG_NAME, LATENT_SET_PATH_IN_REPO, is_commit_hash
 
@@ -109,7 +109,7 @@ def push_output_dir(
     revision: str | None = None,
     token: str | None = None,
     commit_message: str = "Upload BLOCK-EM run with hf_blockem",
-):
+) -> CommitInfo:
     """Uploads a finished run's `output_dir` to the Hub in one commit, as the Trainer's `push_to_hub` does.
 
     Weights, latent set, `blockem_config.json` and card go up together, so they never disagree on the Hub. Checkpoint

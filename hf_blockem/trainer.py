@@ -340,7 +340,10 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
                 source, plus=list(plus), minus=list(minus), layer=layer, base_model=self.latent_set.base_model
             ).layers[0]
         if layer is not None and addition.layer != layer:
-            raise ValueError(f"`layer`={layer} disagrees with the source's layer {addition.layer}.")
+            raise ValueError(
+                f"Expected `layer` to be the layer the source reads ({addition.layer}), got {layer}: omit `layer`, or "
+                "pass the SAE (or BlockedLayer) of the layer you mean."
+            )
         record = {
             "layer": addition.layer,
             "plus": addition.plus,

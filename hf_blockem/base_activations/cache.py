@@ -233,6 +233,7 @@ class BaseActivationCache:
 
     @property
     def n_latents(self) -> int:
+        """Cached latents per token (every blocked layer's, in latent-set order)."""
         return self.z.shape[1]
 
     def lookup(self, batch: dict[str, Any]) -> torch.Tensor | None:
@@ -303,6 +304,7 @@ class BaseActivationCache:
 
     @staticmethod
     def paths(directory: str | os.PathLike, key: dict[str, Any]) -> tuple[Path, Path]:
+        """The cache's tensor file and key file in `directory` for `key`."""
         stem = Path(directory) / f"{CACHE_PREFIX}{key_digest(key)[:24]}"
         return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 

@@ -208,7 +208,10 @@ class BlockEMCallback(TrainerCallback):
             )
         n_layers = len(get_decoder_layers(model))
         if layers[-1] >= n_layers:
-            raise ValueError(f"Monitored layers {layers} must be < the model's {n_layers} decoder layers.")
+            raise ValueError(
+                f"Expected monitored layers below the model's {n_layers} decoder layers, got {layers}: the latent set, "
+                "`saes=` or `directions=` were made for a deeper model. Use ones made for this model."
+            )
         accelerator = self.trainer.accelerator
         shards = [self.probe.shard(i, accelerator.num_processes) for i in range(accelerator.num_processes)]
         # Shard the probe across processes only when every process gets counted tokens; else all read all of it.

@@ -43,6 +43,7 @@ class ProbeBatch:
 
     @property
     def n_tokens(self) -> int:
+        """Tokens the probe averages over (its token mask, within the attention mask)."""
         return int(self.token_mask.sum())
 
     @classmethod
@@ -91,7 +92,9 @@ class ProbeBatch:
         return ProbeBatch(self.input_ids[rows], self.attention_mask[rows], mask)
 
 
-def probe_batch(tokenizer: Any, questions: Sequence[str], responses: Sequence[str], max_length: int | None = None):
+def probe_batch(
+    tokenizer: Any, questions: Sequence[str], responses: Sequence[str], max_length: int | None = None
+) -> ProbeBatch:
     """A probe of chat-rendered (question, answer) pairs whose answer tokens count.
 
     Args:

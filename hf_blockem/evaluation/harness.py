@@ -98,7 +98,10 @@ def evaluate_responses(
             logger.info("Judging %d answers of %s with %s", len(rows), model, name)
             verdicts = judge.judge(questions, answers)
             if len(verdicts) != len(rows):
-                raise ValueError(f"Judge {name} returned {len(verdicts)} judgements for {len(rows)} answers.")
+                raise ValueError(
+                    f"Expected judge {name} to return one judgement per answer ({len(rows)}), got {len(verdicts)}. "
+                    "A custom `Judge.judge` must return its verdicts in the order of the answers it was given."
+                )
             result.judgements[model][name] = verdicts
             result.metrics[model][name] = compute_metrics(
                 verdicts,

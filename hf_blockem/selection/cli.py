@@ -109,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     from ..evaluation.cli import build_judges, load_model, load_prompt_specs
     from .pipeline import select_latents
 
-    (args,) = TrlParser(SelectArguments, prog="blockem select").parse_args_and_config(argv)
+    parser = TrlParser(SelectArguments, prog="blockem select")
+    (args,) = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.misaligned_model is None) == (args.misaligned_adapter is None):
-        raise ValueError("Pass exactly one of --misaligned_model (a full checkpoint) or --misaligned_adapter (PEFT).")
+        given = "both" if args.misaligned_model is not None else "neither"
+        parser.error(
+            f"pass exactly one of --misaligned_model (a full checkpoint) or --misaligned_adapter (PEFT), got {given}."
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(args.output_dir)
     judge = build_judges(args, JudgementCache(output_dir / "judgements.sqlite"), device)[0]
