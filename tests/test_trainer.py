@@ -248,17 +248,26 @@ def test_sft_trainer_trains_lora_only_and_penalty_grows_once_latents_move(tmp_pa
     assert "mean_token_accuracy" in logs[-1]  # TRL's own metrics still flow
 
 
-def test_sft_assistant_only_loss_penalises_exactly_the_assistant_answers(tmp_path):
-    # TRL builds the labels of an assistant-only loss from the chat template's generation markers; the penalty takes
-    # its tokens from those labels, so it reads each answer and its end-of-turn token, never the prompt.
+def _as_prompt_completion(row: dict) -> dict:
+    return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
+
+
+@pytest.mark.parametrize("loss_mask", ["assistant_only_loss", "completion_only_loss"])
+def test_sft_assistant_only_loss_penalises_exactly_the_assistant_answers(tmp_path, loss_mask):
+    # TRL builds the labels of an assistant-only loss from the chat template's generation markers, and those of a
+    # completion-only loss from a prompt / completion dataset; the penalty takes its tokens from those labels, so it
+    # reads each answer and its end-of-turn token, never the prompt.
     tokenizer = tiny_chat_tokenizer()
+    dataset = tiny_chat_dataset(8)
+    if loss_mask == "completion_only_loss":
+        dataset = dataset.map(_as_prompt_completion, remove_columns=["messages"])
     args = BlockEMSFTConfig(
-        **trainer_args(tmp_path, remove_unused_columns=True, bf16=False, assistant_only_loss=True, max_length=32)
+        **trainer_args(tmp_path, remove_unused_columns=True, bf16=False, max_length=32, **{loss_mask: True})
     )
     trainer = BlockEMSFTTrainer(
         model=tiny_model("llama"),
         args=args,
-        train_dataset=tiny_chat_dataset(8),
+        train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_TARGETS),
         latent_set=tiny_latent_set(),
@@ -272,8 +281,8 @@ def test_sft_assistant_only_loss_penalises_exactly_the_assistant_answers(tmp_pat
         batch["input_ids"],
         tokenizer.bos_token_id,
     )
-    for ids, selected, row in zip(batch["input_ids"], mask, rows, strict=True):
-        answer = row["messages"][-1]["content"]
+    answers = [row["messages"][-1]["content"] for row in tiny_chat_dataset(8)][:4]
+    for ids, selected, answer in zip(batch["input_ids"], mask, answers, strict=True):
         assert tokenizer.decode(ids[selected]) == f"{answer} {tokenizer.eos_token}"
 
 
