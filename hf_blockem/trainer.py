@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.training_args import ParallelMode
 from trl import SFTTrainer
 
 from .base_activations import CACHED_Z_BASE_KEY, CachedBaseActivations, resolve_base_activations
@@ -123,6 +124,10 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
     def train(self, *args, **kwargs):
         from .diagnostics.callback import BlockEMCallback
 
+        ddp = self.args.parallel_mode == ParallelMode.DISTRIBUTED and not (
+            self.is_deepspeed_enabled or self.is_fsdp_enabled
+        )
+        check_ddp_checkpointing(self.args, isinstance(self.model, PreTrainedModel), ddp)
         try:
             with self._blockem_hooks():
                 output = super().train(*args, **kwargs)
@@ -402,6 +407,34 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
             if (record["layer"], record["plus"], record["minus"]) not in done:
                 addition = saved.layer(record["layer"]).select(record["plus"], record["minus"])
                 self._blockem_apply_addition(addition, dict(record))
+
+
+def check_ddp_checkpointing(args, plain_transformers_model: bool, ddp: bool) -> None:
+    """Refuses DDP with `find_unused_parameters` and reentrant gradient checkpointing, which fails in backward.
+
+    DDP then marks a parameter ready once per reentrant backward of its checkpoint and raises "Expected to mark a
+    variable ready only once". transformers turns `find_unused_parameters` on for any model that is not a plain
+    `PreTrainedModel` (a PEFT model, for one) unless `ddp_find_unused_parameters` says otherwise.
+
+    Args:
+        args: the training arguments.
+        plain_transformers_model (`bool`): the trainer's model is a `PreTrainedModel` itself (not wrapped by PEFT).
+        ddp (`bool`): the run is distributed with DDP (not DeepSpeed or FSDP).
+    """
+    reentrant = bool((args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False))
+    if not (ddp and args.gradient_checkpointing and reentrant):
+        return
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None:
+        find_unused = not plain_transformers_model
+    if find_unused:
+        raise ValueError(
+            "Expected non-reentrant gradient checkpointing under DDP with find_unused_parameters, got "
+            "`gradient_checkpointing_kwargs={'use_reentrant': True}` with find_unused_parameters on (transformers' "
+            "choice for PEFT models): DDP would fail in backward, marking LoRA weights ready twice. Set "
+            "`gradient_checkpointing_kwargs={'use_reentrant': False}` (TRL's default), or "
+            "`ddp_find_unused_parameters=False` if every trainable parameter is used in every step."
+        )
 
 
 def _configured_latent_set(args, latent_set: LatentSet | str | None) -> LatentSet:

@@ -125,7 +125,10 @@ def run_case(case: dict, out_dir: Path, base_dir: str, latent_set_path: str | No
             "zero_force_ds_cpu_optimizer": False,  # the plain torch SGD of this test
         }
     if case.get("gradient_checkpointing"):
-        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        reentrant = case["gradient_checkpointing"] == "reentrant"
+        extra.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if "ddp_find_unused_parameters" in case:
+        extra["ddp_find_unused_parameters"] = case["ddp_find_unused_parameters"]
     args = BlockEMConfig(
         output_dir=str(out_dir / "runs" / name),
         per_device_train_batch_size=case["batch"],

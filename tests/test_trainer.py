@@ -24,6 +24,7 @@ from transformers import DataCollatorForLanguageModeling, TrainerCallback
 from hf_blockem import BlockEMConfig, BlockEMSFTConfig, BlockEMSFTTrainer, BlockEMTrainer, LatentSet
 from hf_blockem.hooks import get_decoder_layers, hidden_state_of
 from hf_blockem.penalty import block_penalty_sum, loss_token_mask
+from hf_blockem.trainer import check_ddp_checkpointing
 
 LAYER = 1
 
@@ -621,6 +622,23 @@ def test_half_precision_models_give_a_finite_penalty_close_to_fp32(tmp_path, dty
         penalties[name] = trainer._blockem_metrics["train"]["blockem/penalty"][0]
     assert penalties["fp32"] > 65504
     assert penalties["half"] == pytest.approx(penalties["fp32"], rel=0.05)
+
+
+def test_ddp_with_reentrant_checkpointing_and_unused_parameter_search_is_refused(tmp_path):
+    # The refused combination fails inside DDP's backward; the allowed ones are trained in test_distributed.
+    def args(**overrides):
+        reentrant = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+        return BlockEMConfig(**trainer_args(tmp_path, **reentrant, **overrides))
+
+    with pytest.raises(ValueError, match="use_reentrant': False"):
+        check_ddp_checkpointing(args(), plain_transformers_model=False, ddp=True)  # PEFT: transformers searches
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters=False"):
+        check_ddp_checkpointing(args(ddp_find_unused_parameters=True), plain_transformers_model=True, ddp=True)
+    check_ddp_checkpointing(args(ddp_find_unused_parameters=False), plain_transformers_model=False, ddp=True)
+    check_ddp_checkpointing(args(), plain_transformers_model=True, ddp=True)  # transformers turns the search off
+    check_ddp_checkpointing(args(), plain_transformers_model=False, ddp=False)
+    no_reentrant = BlockEMConfig(**trainer_args(tmp_path, gradient_checkpointing=True))
+    check_ddp_checkpointing(no_reentrant, plain_transformers_model=False, ddp=True)
 
 
 def test_a_bad_latent_set_fails_before_the_model_is_loaded(tmp_path):
