@@ -573,6 +573,22 @@ def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
     # the compiled graphs.
     assert recorder.graphs[3] == recorder.graphs[4] == recorder.graphs[5] > 0
 
+    # evaluate() and a second train() keep the penalty equal to eager's, and the second run's training steps reuse
+    # the graphs compiled for the first (the eval-mode graphs are the only new ones).
+    from torch._dynamo.utils import counters
+
+    data = token_dataset(4, seed=5)
+    evals = [trainer.evaluate(data)["eval_blockem/penalty"] for trainer in (eager, compiled)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5) and evals[0] > 0
+    graphs_after_eval = counters["stats"]["unique_graphs"]
+    for trainer in (eager, compiled):
+        trainer.remove_callback(_AddLayerAtStep2)  # its layer is in the set now
+        trainer.train()
+    for key in ("blockem/penalty", "blockem/layer_0/penalty"):
+        assert penalties(compiled, key)[-6:] == pytest.approx(penalties(eager, key)[-6:], rel=1e-4), key
+    assert counters["stats"]["unique_graphs"] == graphs_after_eval
+    assert _hook_count(compiled.model) == _hook_count(lora_model())
+
 
 # ---- bad input --------------------------------------------------------------------------------------------------
 
