@@ -294,6 +294,10 @@ def test_adaptive_additions_next_step_saved_and_resumed(tmp_path):
     assert resumed.latent_set.layer(2).latent_ids == trainer.latent_set.layer(2).latent_ids
     assert resumed_callback.records.additions == [record]
     assert [e["step"] for e in resumed_callback.records.history] == [1, 2, 3, 4]
+    # The restored steps are the interrupted run's, value for value; the step after the resume measures the same.
+    assert resumed_callback.records.history[:3] == callback.records.history[:3]
+    assert resumed_callback.records.history[3] == pytest.approx(callback.records.history[3], rel=1e-4)
+    assert resumed_callback.records.alerts == callback.records.alerts and callback.records.alerts[0] == 1
 
     def step4(t):
         return next(e for e in t.state.log_history if e.get("step") == 4 and "loss" in e)
