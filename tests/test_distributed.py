@@ -52,8 +52,12 @@ FSDP_CASES = [distributed_case(mode, True, fsdp="2") for mode in MODES] + [
 ]
 # 2 processes x per-device batch 4 (no accumulation), with and without the penalty: the difference is the penalty's
 # gradient alone.
-TWO_TIMES_FOUR = dict(mode="adapter", batch=4, accumulation=1, accepts_loss_kwargs=True)
-PENALTY_ALONE_CASES = [TWO_TIMES_FOUR, {**TWO_TIMES_FOUR, "block_lambda": 0.0}]
+TWO_TIMES_FOUR = dict(mode="adapter", batch=4, accumulation=1)
+PENALTY_ALONE_CASES = [
+    {**TWO_TIMES_FOUR, "accepts_loss_kwargs": accepts, **penalty}
+    for accepts in LOSS_KWARGS
+    for penalty in ({}, {"block_lambda": 0.0})
+]
 ZERO_STAGES = (2, 3)
 ZERO_CASES = [distributed_case(mode, True, zero=stage) for stage in ZERO_STAGES for mode in MODES]
 
@@ -178,9 +182,13 @@ def test_two_processes_match_one(distributed_run, single_runs, case):
         assert process["forwards_without_grad"] == expected
 
 
-def test_two_processes_times_batch_4_match_one_and_so_does_the_penalty_alone(distributed_run, single_runs):
-    (with_penalty, updates), (_, updates_ce) = (read_result(distributed_run, case) for case in PENALTY_ALONE_CASES)
-    single, single_ce = (single_runs(case) for case in PENALTY_ALONE_CASES)
+@pytest.mark.parametrize("accepts_loss_kwargs", LOSS_KWARGS)
+def test_two_processes_times_batch_4_match_one_and_so_does_the_penalty_alone(
+    distributed_run, single_runs, accepts_loss_kwargs
+):
+    cases = [case for case in PENALTY_ALONE_CASES if case["accepts_loss_kwargs"] == accepts_loss_kwargs]
+    (with_penalty, updates), (_, updates_ce) = (read_result(distributed_run, case) for case in cases)
+    single, single_ce = (single_runs(case) for case in cases)
     assert_same_step(single, with_penalty, updates)
     penalty_alone = {name: updates[name] - updates_ce[name] for name in updates}
     expected = {name: single["updates"][name] - single_ce["updates"][name] for name in single["updates"]}
