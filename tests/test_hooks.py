@@ -22,6 +22,7 @@ EXPECTED_PATHS = {
     "llama": "model.layers",
     "qwen2": "model.layers",
     "mistral": "model.layers",
+    "gemma": "model.layers",
     "gemma2": "model.layers",
     "gpt2": "transformer.h",
     "gpt_neox": "gpt_neox.layers",

@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -35,6 +36,7 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**_common(head_dim=8)),
     "qwen2": lambda: Qwen2Config(**_common()),
     "mistral": lambda: MistralConfig(**_common(head_dim=8)),
+    "gemma": lambda: GemmaConfig(**_common(head_dim=8)),
     "gemma2": lambda: Gemma2Config(**_common(head_dim=8, sliding_window=16)),
     "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=4, n_head=2, n_positions=64),
     "gpt_neox": lambda: GPTNeoXConfig(
