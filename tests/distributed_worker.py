@@ -90,8 +90,9 @@ def run_case(case: dict, out_dir: Path, base_dir: str, latent_set_path: str | No
     """Trains one step of `case` and returns its record (and writes it, on the main process, to `out_dir`).
 
     case keys: `mode` (base activations), `batch`, `accumulation`, `accepts_loss_kwargs`, and optionally `fsdp`
-    (`"2"` for FSDP2), `zero` (a DeepSpeed ZeRO stage), `gradient_checkpointing`, `block_lambda` and `cpu` (default
-    true; false runs on the GPU, as `benchmarks/gpu_smoke.py` does).
+    (`"2"` for FSDP2), `zero` (a DeepSpeed ZeRO stage), `gradient_checkpointing` (true or `"reentrant"`),
+    `ddp_find_unused_parameters`, `masked_examples` (how many examples have no loss token), `block_lambda` and `cpu`
+    (default true; false runs on the GPU, as `benchmarks/gpu_smoke.py` does).
     """
     name = case_name(case)
     mode = case["mode"]
@@ -152,10 +153,17 @@ def run_case(case: dict, out_dir: Path, base_dir: str, latent_set_path: str | No
         disable_tqdm=True,
         **extra,
     )
+    dataset = token_dataset(N_EXAMPLES, equal_lengths=not case["accepts_loss_kwargs"])
+    if case.get("masked_examples"):
+        # The first examples carry no loss token: with 6 of 8, at least two micro-batches of 2 have none at all.
+        masked = case["masked_examples"]
+        dataset = dataset.map(
+            lambda row, i: {"labels": [-100] * len(row["labels"]) if i < masked else row["labels"]}, with_indices=True
+        )
     trainer = BlockEMTrainer(
         model=model,
         args=args,
-        train_dataset=token_dataset(N_EXAMPLES, equal_lengths=not case["accepts_loss_kwargs"]),
+        train_dataset=dataset,
         data_collator=pad_collator,
         latent_set=LatentSet.from_pretrained(latent_set_path) if latent_set_path else tiny_latent_set(),
     )

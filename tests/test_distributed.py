@@ -44,6 +44,9 @@ DDP_CASES = [distributed_case(mode, accepts) for mode in MODES for accepts in LO
     # (the combination is refused with a clear error, see test_trainer).
     distributed_case("adapter", True, gradient_checkpointing=True),
     distributed_case("adapter", True, gradient_checkpointing="reentrant", ddp_find_unused_parameters=False),
+    # Micro-batches without a single loss token (6 of 8 examples masked): a finite 0 penalty, no hang even when DDP
+    # expects a gradient for every parameter, and the same step as one process.
+    distributed_case("adapter", True, masked_examples=6, ddp_find_unused_parameters=False),
 ]
 # FSDP2 only: accelerate's FSDP1 plugin refuses to initialise without an accelerator device ("There are currently no
 # available devices found"), so FSDP1 cannot run on CPU (checked with accelerate 1.15 and torch 2.13).
