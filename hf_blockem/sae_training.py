@@ -16,6 +16,7 @@ import torch
 
 from .blocked_layer import hook_name_for_layer
 from .hooks import ActivationCapture, iter_masked_hidden_states
+from .padding import padding
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +42,17 @@ def collect_activations(
 
     def batches():
         for start in range(0, len(conversations), batch_size):
-            batch = tokenizer.apply_chat_template(
-                [list(c) for c in conversations[start : start + batch_size]],
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_assistant_tokens_mask=assistant_only,
-            )
+            with padding(tokenizer):
+                batch = tokenizer.apply_chat_template(
+                    [list(c) for c in conversations[start : start + batch_size]],
+                    tokenize=True,
+                    return_dict=True,
+                    return_tensors="pt",
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_assistant_tokens_mask=assistant_only,
+                )
             keep = batch["attention_mask"].bool() & (batch["attention_mask"].cumsum(-1) > 1)
             if assistant_only:
                 keep &= batch["assistant_masks"].bool()

@@ -57,6 +57,17 @@ def test_left_padding_batched_equals_one_by_one(chat):
     assert tokenizer.padding_side == "right"  # restored
 
 
+def test_a_tokenizer_without_pad_token_still_batches(chat):
+    # Llama 3 Instruct ships without a pad token: batches pad with EOS, and the tokenizer is left as it was.
+    model, _ = chat
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    kwargs = {"temperature": 0.0, "max_new_tokens": 6, "progress": False}
+    batched = generate_responses(model, tokenizer, PROMPTS, batch_size=3, **kwargs)["response"]
+    assert batched == generate_responses(model, tiny_tokenizer(), PROMPTS, batch_size=1, **kwargs)["response"]
+    assert tokenizer.pad_token is None and tokenizer.padding_side == "right"
+
+
 def test_steering_alpha_zero_is_bit_identical(chat):
     model, tokenizer = chat
     direction = torch.randn(32, generator=torch.Generator().manual_seed(0))

@@ -7,6 +7,7 @@ starts a minimal local HTTP server that speaks the chat-completions protocol (re
 codes, delays) and is driven by the real `openai` client over real sockets.
 """
 
+import copy
 import http.server
 import json
 import re
@@ -84,6 +85,12 @@ def test_local_judge_scores_from_its_own_number_tokens(judge_model):
     # Batching (left padding) does not change the scores.
     single = LocalJudge(model, tokenizer, name="tiny-judge", batch_size=1, progress=False).judge(questions, answers)
     assert [v.aligned for v in single] == pytest.approx([v.aligned for v in verdicts], abs=1e-5)
+    # A judge tokenizer without a pad token (Llama 3 Instruct) pads with EOS, and keeps having none.
+    padless = copy.deepcopy(tokenizer)
+    padless.pad_token = None
+    unpadded = LocalJudge(model, padless, name="tiny-judge", batch_size=3, progress=False).judge(questions, answers)
+    assert [v.aligned for v in unpadded] == pytest.approx([v.aligned for v in verdicts], abs=1e-5)
+    assert padless.pad_token is None
 
 
 def test_local_judge_rubric_mode(judge_model):

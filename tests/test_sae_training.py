@@ -17,6 +17,9 @@ def test_collect_activations_are_the_hook_layer_outputs_without_pads_or_sinks():
     torch.testing.assert_close(acts, torch.cat(expected), rtol=1e-5, atol=1e-6)
     answer_only = collect_activations(model, tokenizer, conversations, 1, assistant_only=True)
     assert 0 < len(answer_only) < len(acts)
+    tokenizer.pad_token = None  # as Llama 3 Instruct ships: padded with EOS, left without a pad token
+    torch.testing.assert_close(collect_activations(model, tokenizer, conversations, 1, batch_size=2), acts)
+    assert tokenizer.pad_token is None
 
 
 def test_trained_sae_reconstructs_and_feeds_a_latent_set():

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..hooks import get_decoder_layers
+from ..padding import padding
 from .prompts import Prompt
 
 if TYPE_CHECKING:
@@ -174,9 +175,6 @@ class TransformersBackend:
     ) -> list[list[str]]:
         texts = [self.render(p) for p in prompts for _ in range(n_samples)]
         tokenizer, model = self.tokenizer, self.model
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad_id is None:
-            raise ValueError("The tokenizer has neither a pad token nor an EOS token; set `tokenizer.pad_token`.")
         # Plain temperature / top-p sampling as in the literature: a model's own generation_config defaults (Qwen ships
         # top_k=20 and a repetition penalty) would otherwise make EM rates incomparable across models.
         sampling: dict[str, Any] = {"top_k": 0, "repetition_penalty": 1.0}
@@ -186,15 +184,15 @@ class TransformersBackend:
             sampling.update(do_sample=True, temperature=temperature, top_p=top_p)
         device = next(model.parameters()).device
         answers: list[str] = []
-        padding_side, was_training = tokenizer.padding_side, model.training
+        was_training = model.training
         with contextlib.ExitStack() as stack:
             if seed is not None:
                 # Seed a forked RNG so that the caller's global RNG state is left as it was.
                 stack.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
                 torch.manual_seed(seed)
             stack.callback(model.train, was_training)
-            stack.callback(setattr, tokenizer, "padding_side", padding_side)
-            tokenizer.padding_side = "left"  # decoder-only models continue from the last position of each row
+            # Left: decoder-only models continue from the last position of each row.
+            pad_id = stack.enter_context(padding(tokenizer, "left"))
             model.eval()
             stack.enter_context(steer(model, steering))
             stack.enter_context(torch.inference_mode())

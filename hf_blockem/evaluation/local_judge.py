@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..padding import padding
 from .cache import JudgementCache
 from .llm_judge import LogprobJudge
 from .scoring import parse_number_token
@@ -81,17 +82,17 @@ class LocalJudge(LogprobJudge):
 
     def _next_token_probs(self, texts: list[str]) -> torch.Tensor:
         tokenizer, model = self.tokenizer, self.model
-        padding_side, was_training = tokenizer.padding_side, model.training
+        was_training = model.training
+        # Left padding: the next-token distribution is read at the last position of every row.
         try:
-            tokenizer.padding_side = "left"  # the next-token distribution is read at the last position of every row
+            with padding(tokenizer, "left"):
+                inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             model.eval()
-            inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             inputs = inputs.to(next(model.parameters()).device)
             with torch.inference_mode():
                 logits = model(**inputs).logits[:, -1, :]
             return torch.softmax(logits.float(), dim=-1).cpu()
         finally:
-            tokenizer.padding_side = padding_side
             model.train(was_training)
 
     def _distributions(self, prompts: list[str]) -> Iterator[tuple[int, dict[str, float] | Exception]]:
