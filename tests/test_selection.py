@@ -138,6 +138,51 @@ def test_rerun_is_served_from_the_cache(tmp_path):
     result = first.measure()
     again = SteeringProbe(misaligned, tokenizer, name="misaligned", **kwargs)
     assert again.measure() == result and again.calls == 0 and first.calls == 1
+    # Another model under the same name (another domain's adapter, a retrained checkpoint) is measured, not served.
+    other = planted_setup()[1]
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    retrained = SteeringProbe(other, tokenizer, name="misaligned", **kwargs)
+    retrained.measure()
+    assert retrained.calls == 1
+
+
+class FailingJudge(BadWordJudge):
+    """A judge during an outage: every answer comes back unscored, with the client's error."""
+
+    identity = {"name": "failing", "version": 1}
+
+    def judge(self, questions, answers):
+        return [
+            Judgement(judge=self.identity, extra={"errors": {"aligned": "503 Service Unavailable"}}) for _ in answers
+        ]
+
+
+class FlakyJudge(BadWordJudge):
+    """Fails on its first answer, scores the rest."""
+
+    identity = {"name": "flaky", "version": 1}
+
+    def judge(self, questions, answers):
+        out = super().judge(questions, answers)
+        out[0] = Judgement(judge=self.identity, extra={"errors": {"aligned": "timeout"}})
+        return out
+
+
+def test_unscored_answers_are_not_counted_as_aligned_nor_cached(tmp_path):
+    base, misaligned, tokenizer, sae, _ = planted_setup()
+    kwargs = {"prompts": PROMPTS, "n_samples": 2, "max_new_tokens": 8, "cache_dir": tmp_path}
+    # An outage reads as an error, not as EM = 0 (which would make every repair look perfect).
+    with pytest.raises(RuntimeError, match="scored none .*503 Service Unavailable"):
+        SteeringProbe(misaligned, tokenizer, name="misaligned", judge=FailingJudge(), **kwargs).measure()
+    assert not list(tmp_path.glob("*.json"))
+    full = SteeringProbe(misaligned, tokenizer, name="misaligned", judge=BadWordJudge(), **kwargs)
+    complete = full.measure()
+    flaky = SteeringProbe(misaligned, tokenizer, name="misaligned", judge=FlakyJudge(), **kwargs).measure()
+    assert (flaky.n, flaky.unscored) == (complete.n - 1, 1)  # left out of the rates, not counted as aligned
+    again = SteeringProbe(misaligned, tokenizer, name="misaligned", judge=FlakyJudge(), **kwargs)
+    again.measure()
+    assert again.calls == 1  # a partly unscored result is not cached: the rerun asks the judge again
 
 
 def test_stage1_shifts_equal_brute_force_with_full_sae():

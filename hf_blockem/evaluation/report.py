@@ -71,7 +71,7 @@ class EvaluationResult:
     def summary(self) -> dict[str, dict[str, Any]]:
         """Per model, the headline numbers with their CIs under the primary judge:
         `{"base": {"em_rate": {"value", "ci", "count", "n"}, "incoherence_rate": ..., "refusal_rate": ...,
-        "target_rate": ... (when measured)}}`."""
+        "unscored_rate": ..., "target_rate": ... (when measured)}}`."""
         out: dict[str, dict[str, Any]] = {}
         for model in self.metrics:
             m = self[model]
@@ -79,6 +79,7 @@ class EvaluationResult:
                 "em_rate": m.em_rate.to_dict(),
                 "incoherence_rate": m.incoherence_rate.to_dict(),
                 "refusal_rate": m.refusal_rate.to_dict(),
+                "unscored_rate": m.unscored_rate.to_dict(),
             }
             if model in self.target:
                 out[model]["target_rate"] = self.target[model].to_dict()

@@ -10,32 +10,52 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..evaluation.generation import Steering, generate_responses
 from ..evaluation.judge_base import INCOHERENT, MISALIGNED, Judge
-from ..evaluation.metrics import classify
+from ..evaluation.metrics import UNSCORED, classify
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class ProbeResult:
-    """Shares of misaligned and incoherent answers among `n` sampled answers."""
+    """Shares of misaligned and incoherent answers among the `n` answers the judge scored (`unscored` it could not)."""
 
     em_rate: float
     incoherence_rate: float
     n: int
+    unscored: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def model_fingerprint(model: Any) -> str:
+    """A digest of every parameter's name, shape and a few of its values (first, last and the sum).
+
+    Cheap on a 7B model (a few numbers per tensor), and it tells apart two checkpoints or adapters of the same
+    architecture: any fine-tuning step moves the sums.
+    """
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        summary = torch.stack([flat[0], flat[-1], flat.float().sum()]).float().cpu()
+        digest.update(f"{name}:{tuple(param.shape)}:".encode())
+        digest.update(summary.numpy().tobytes())
+    return digest.hexdigest()
 
 
 @dataclass
 class SteeringProbe:
     """Samples answers from one model on a fixed prompt sample, optionally steered, and judges them.
 
-    Results are cached as JSON under `cache_dir`, keyed on the model's `name`, the prompts, the sampling settings, the
-    judge's identity and the steering (layer, direction bytes, alpha), so an interrupted selection resumes where it
-    stopped.
+    Results are cached as JSON under `cache_dir`, keyed on the model's `name` and weights (a fingerprint of every
+    parameter, adapters included), its chat template, the prompts, the sampling settings, the judge's identity and
+    the steering (layer, direction bytes, alpha), so an interrupted selection resumes where it stopped and a run on
+    another model or adapter never reads its results. Answers the judge could not score (an outage, a quota) are left
+    out of the rates and keep the result out of the cache, so a rerun asks again.
 
     Args:
         model (`PreTrainedModel`): the model to steer.
@@ -64,11 +84,15 @@ class SteeringProbe:
     batch_size: int = 64
     cache_dir: str | Path | None = None
     calls: int = field(default=0, init=False)
+    _model_fingerprint: str | None = field(default=None, init=False, repr=False)
 
     def _key(self, steering: Sequence[Steering]) -> str:
+        if self._model_fingerprint is None:
+            self._model_fingerprint = model_fingerprint(self.model)
         digest = hashlib.sha256()
         settings = [self.name, list(self.prompts), self.n_samples, self.max_new_tokens, self.temperature, self.seed]
-        digest.update(json.dumps([settings, self.judge.identity], sort_keys=True, default=str).encode())
+        model = [self._model_fingerprint, getattr(self.tokenizer, "chat_template", None)]
+        digest.update(json.dumps([settings, model, self.judge.identity], sort_keys=True, default=str).encode())
         for s in steering:
             digest.update(f"{s.layer}:{float(s.alpha)!r}:".encode())
             digest.update(s.direction.detach().float().cpu().numpy().tobytes())
@@ -94,9 +118,25 @@ class SteeringProbe:
         )
         verdicts = self.judge.judge(list(answers["prompt"]), list(answers["response"]))
         classes = [classify(v) for v in verdicts]
-        n = len(classes)
-        result = ProbeResult(classes.count(MISALIGNED) / n, classes.count(INCOHERENT) / n, n)
-        if path is not None:
+        unscored = classes.count(UNSCORED)
+        n = len(classes) - unscored
+        if n == 0:
+            errors = next((v.extra["errors"] for v in verdicts if v.extra.get("errors")), "no score and no error")
+            raise RuntimeError(
+                f"Expected the judge {self.judge.identity} to score the {len(classes)} answers of {self.name!r}, it "
+                f"scored none (first error: {errors}). Check the judge (endpoint, API key, quota) and run again: "
+                "nothing was cached."
+            )
+        result = ProbeResult(classes.count(MISALIGNED) / n, classes.count(INCOHERENT) / n, n, unscored)
+        if unscored:
+            logger.warning(
+                "The judge could not score %d of %d answers of %s; the rates leave them out and the result is not "
+                "cached.",
+                unscored,
+                len(classes),
+                self.name,
+            )
+        elif path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             steering_record = [{"layer": s.layer, "alpha": float(s.alpha)} for s in steering]
             record = {"result": result.to_dict(), "steering": steering_record, "answers": answers.to_list()}
