@@ -34,5 +34,6 @@ def padding(tokenizer: Any, side: str | None = None) -> Iterator[int]:
             tokenizer.padding_side = side
         yield tokenizer.pad_token_id
     finally:
-        tokenizer.pad_token = pad_token
+        if pad_token is None:  # only undo what was done: setting a token re-registers it with the backend
+            tokenizer.pad_token = None
         tokenizer.padding_side = padding_side

@@ -21,15 +21,10 @@ from pathlib import Path
 
 import torch
 
+from ..fingerprints import weights_fingerprint
 from ..hooks import ActivationCapture, unwrap_model
 from .adapter import AdapterBaseActivations, peft_model_of
-from .cache import (
-    BaseActivationCache,
-    CachedBaseActivations,
-    CachedZBaseCollator,
-    cache_key,
-    weights_fingerprint,
-)
+from .cache import BaseActivationCache, CachedBaseActivations, CachedZBaseCollator, cache_key
 from .reference import ReferenceBaseActivations, load_truncated_reference, truncate_decoder
 from .source import CACHED_Z_BASE_KEY, BaseActivations, OnTheFlyBaseActivations
 

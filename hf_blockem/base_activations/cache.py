@@ -18,7 +18,6 @@ changed key recomputes. Files: `blockem-base-activations-<key>.safetensors` (ten
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..atomic_write import atomic_write, write_json_atomic
+from ..fingerprints import tokenizer_fingerprint
 from ..hooks import ActivationCapture
 from ..latent_set import LatentSet
 from .source import CACHED_Z_BASE_KEY, BaseActivations, OnTheFlyBaseActivations
@@ -43,7 +43,6 @@ CACHE_FORMAT_VERSION = 1
 CACHE_PREFIX = "blockem-base-activations-"
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "completion_mask", "assistant_masks")
 # Values sampled per tensor for the weight fingerprint: enough to tell two checkpoints apart, cheap on 10B models.
-_FINGERPRINT_SAMPLES = 64
 
 
 # ---- sequences -------------------------------------------------------------------------------------------------
@@ -99,63 +98,6 @@ def _span_digests(batch: dict[str, Any]) -> list[tuple[int, int, int, bytes]]:
 
 
 # ---- the key -------------------------------------------------------------------------------------------------
-
-
-def weights_fingerprint(module: nn.Module, only_frozen: bool = False) -> str:
-    """sha256 over every parameter's name, dtype, shape and a strided sample of its values.
-
-    Args:
-        module (`torch.nn.Module`): the module whose weights compute the base activations.
-        only_frozen (`bool`, *optional*, defaults to `False`): skip trainable parameters (PEFT adapters: disabled
-            during the base pass, and they change while training).
-    """
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
-            if only_frozen and param.requires_grad:
-                continue
-            # The same key with and without FSDP1's wrappers around the layers.
-            name = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-            with _whole(param) as whole:
-                flat = whole.detach().reshape(-1)
-                sample = flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES]
-                digest.update(f"\0{name}\0{whole.dtype}\0{list(whole.shape)}\0".encode())
-                digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _whole(param: torch.Tensor):
-    # A sharded parameter is gathered for the sample: a collective, which every process runs in the same (sorted)
-    # order since every process computes the cache key.
-    if hasattr(param, "full_tensor"):  # FSDP2 / DTensor
-        yield param.full_tensor()
-    elif hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3 keeps an empty placeholder in `param.data`
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param]):
-            yield param.data
-    else:
-        yield param
-
-
-def tokenizer_fingerprint(tokenizer) -> str | None:
-    """sha256 of a tokeniser's full definition (vocabulary, merges, normaliser, special tokens, chat template)."""
-    if tokenizer is None:
-        return None
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # processors wrap their tokeniser
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    extra = json.dumps(
-        {
-            "name_or_path": getattr(tokenizer, "name_or_path", None),
-            "special_tokens": {str(k): str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()},
-            "chat_template": getattr(tokenizer, "chat_template", None),
-            "padding_side": getattr(tokenizer, "padding_side", None),
-        },
-        sort_keys=True,
-    )
-    return "sha256:" + hashlib.sha256((definition + extra).encode()).hexdigest()
 
 
 def dataset_fingerprint(dataset) -> str:

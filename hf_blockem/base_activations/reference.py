@@ -16,8 +16,8 @@ import logging
 import torch
 from torch import nn
 
+from ..fingerprints import weights_fingerprint
 from ..hooks import ActivationCapture, check_layer_index, find_decoder_layers
-from .cache import weights_fingerprint
 from .source import OnTheFlyBaseActivations
 from .truncated_pass import TruncatedPass, default_pad_to_multiple_of
 

@@ -10,11 +10,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..evaluation.generation import Steering, generate_responses
 from ..evaluation.judge_base import INCOHERENT, MISALIGNED, Judge
 from ..evaluation.metrics import UNSCORED, classify
+from ..fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +31,12 @@ class ProbeResult:
         return asdict(self)
 
 
-def model_fingerprint(model: Any) -> str:
-    """A digest of every parameter's name, shape and a few of its values (first, last and the sum).
-
-    Cheap on a 7B model (a few numbers per tensor), and it tells apart two checkpoints or adapters of the same
-    architecture: any fine-tuning step moves the sums.
-    """
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
-        summary = torch.stack([flat[0], flat[-1], flat.float().sum()]).float().cpu()
-        digest.update(f"{name}:{tuple(param.shape)}:".encode())
-        digest.update(summary.numpy().tobytes())
-    return digest.hexdigest()
-
-
 @dataclass
 class SteeringProbe:
     """Samples answers from one model on a fixed prompt sample, optionally steered, and judges them.
 
     Results are cached as JSON under `cache_dir`, keyed on the model's `name` and weights (a fingerprint of every
-    parameter, adapters included), its chat template, the prompts, the sampling settings, the judge's identity and
+    parameter, adapters included), its tokenizer, the prompts, the sampling settings, the judge's identity and
     the steering (layer, direction bytes, alpha), so an interrupted selection resumes where it stopped and a run on
     another model or adapter never reads its results. Answers the judge could not score (an outage, a quota) are left
     out of the rates and keep the result out of the cache, so a rerun asks again.
@@ -88,10 +72,10 @@ class SteeringProbe:
 
     def _key(self, steering: Sequence[Steering]) -> str:
         if self._model_fingerprint is None:
-            self._model_fingerprint = model_fingerprint(self.model)
+            self._model_fingerprint = weights_fingerprint(self.model)
         digest = hashlib.sha256()
         settings = [self.name, list(self.prompts), self.n_samples, self.max_new_tokens, self.temperature, self.seed]
-        model = [self._model_fingerprint, getattr(self.tokenizer, "chat_template", None)]
+        model = [self._model_fingerprint, tokenizer_fingerprint(self.tokenizer)]
         digest.update(json.dumps([settings, model, self.judge.identity], sort_keys=True, default=str).encode())
         for s in steering:
             digest.update(f"{s.layer}:{float(s.alpha)!r}:".encode())
