@@ -11,6 +11,7 @@ from hf_blockem.evaluation import (
     LocalJudge,
     Prompt,
     Steering,
+    TransformersBackend,
     evaluate,
     evaluate_responses,
 )
@@ -143,6 +144,15 @@ def test_evaluate_with_zero_steering_matches_plain():
     assert zero.responses["model"] == plain.responses["model"]
     assert zero.config["steering"] == [{"layer": 1, "alpha": 0.0}]
     assert isinstance(zero, EvaluationResult)
+
+
+def test_one_backend_for_several_models_is_refused():
+    # A backend generates every answer itself: base and tuned would come out the same.
+    tokenizer = tiny_tokenizer()
+    models = {"base": tiny_llama(seed=0), "tuned": tiny_llama(seed=1)}
+    backend = TransformersBackend(models["base"], tokenizer)
+    with pytest.raises(ValueError, match=r"one model with `backend=`.*\['base', 'tuned'\]"):
+        evaluate(models, tokenizer, judges=WordJudge(), prompts=PROMPTS, backend=backend, progress=False)
 
 
 def test_cli_with_yaml_config_adapter_and_local_judge(tmp_path, capsys):

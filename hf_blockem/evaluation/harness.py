@@ -197,6 +197,11 @@ def evaluate(
     ```
     """
     entries = dict(models) if isinstance(models, Mapping) else {"model": models}
+    if backend is not None and len(entries) > 1:
+        raise ValueError(
+            f"Expected one model with `backend=` (it generates every answer itself), got {len(entries)}: "
+            f"{sorted(entries)}. Evaluate each model with its own backend, or pass the models without `backend`."
+        )
     items = as_prompts(prompts) if prompts is not None else ood_prompts("evaluation")
     generation = {
         "n_samples": n_samples,
