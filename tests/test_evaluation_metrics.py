@@ -54,9 +54,11 @@ def test_rates_match_hand_count():
 
 
 def test_bootstrap_hand_computed_cases():
-    # Degenerate data: every resample is identical.
-    assert bootstrap_ci([0, 0, 0, 0]) == (0.0, 0.0)
-    assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0)
+    # Degenerate data (every resample identical): the exact binomial interval instead of a zero-width one. With 0 of
+    # n, P(0 | p) = (1 - p)^n = 2.5% at the upper end; 0 of 600 gives about 3.7/600.
+    assert bootstrap_ci([0, 0, 0, 0]) == (0.0, pytest.approx(1 - 0.025**0.25))
+    assert bootstrap_ci([1, 1, 1]) == (pytest.approx(0.025 ** (1 / 3)), 1.0)
+    assert bootstrap_ci([False] * 600)[1] == pytest.approx(3.69 / 600, rel=0.01)
     # One success in 4: a resample's count is Binomial(4, 1/4): P(0)=.316, P(<=2)=.949, P(<=3)=.996, so the 2.5%
     # quantile is 0 and the 97.5% quantile is 3/4.
     assert bootstrap_ci([1, 0, 0, 0], n_resamples=20000, seed=1) == (0.0, 0.75)

@@ -87,6 +87,11 @@ def bootstrap_ci(
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of a proportion.
 
+    When every answer is in the class or none is (0 misaligned of 600: the blocked model's headline), every resample
+    is identical and the bootstrap would give a zero-width interval. The exact (Clopper-Pearson) interval of `n`
+    independent answers is returned then: `[0, 1 - (alpha/2)^(1/n)]`, about `[0, 3.7/n]` at 95%. Answers to one
+    prompt are correlated, so that is the narrowest honest interval, not a conservative one.
+
     Args:
         flags (sequence of `bool`): one flag per answer.
         groups (sequence, *optional*): a cluster id per answer (the prompt); clusters are resampled whole and the
@@ -101,6 +106,10 @@ def bootstrap_ci(
     values = np.asarray(flags, dtype=np.float64)
     if values.size == 0:
         return math.nan, math.nan
+    alpha = 1.0 - confidence
+    if values.min() == values.max():
+        bound = (alpha / 2) ** (1.0 / values.size)
+        return (0.0, 1.0 - bound) if values[0] == 0 else (bound, 1.0)
     if groups is None:
         sums, sizes = values, np.ones_like(values)
     else:
@@ -111,7 +120,6 @@ def bootstrap_ci(
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, sums.size, size=(n_resamples, sums.size))
     estimates = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
-    alpha = 1.0 - confidence
     low, high = np.quantile(estimates, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
