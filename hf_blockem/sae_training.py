@@ -60,6 +60,15 @@ def collect_activations(
 
     with ActivationCapture(model, [layer]) as capture:
         chunks = [hidden[layer].float().cpu() for hidden in iter_masked_hidden_states(model, capture, batches())]
+    if not chunks:
+        hint = (
+            " With `assistant_only=True` the chat template must mark assistant turns with {% generation %} ... "
+            "{% endgeneration %}; many instruct templates (Llama 3, Qwen2.5) do not: add the markers to a copy of the "
+            "template, or collect every token."
+            if assistant_only
+            else ""
+        )
+        raise ValueError(f"Expected tokens to collect from {len(conversations)} conversations, found none.{hint}")
     return torch.cat(chunks)
 
 

@@ -1,3 +1,6 @@
+import copy
+
+import pytest
 import torch
 from tiny_models import tiny_chat_dataset, tiny_chat_tokenizer, tiny_model
 
@@ -17,6 +20,11 @@ def test_collect_activations_are_the_hook_layer_outputs_without_pads_or_sinks():
     torch.testing.assert_close(acts, torch.cat(expected), rtol=1e-5, atol=1e-6)
     answer_only = collect_activations(model, tokenizer, conversations, 1, assistant_only=True)
     assert 0 < len(answer_only) < len(acts)
+    # A template without generation markers (Llama 3, Qwen2.5) has no assistant mask: a clear error, not torch.cat([]).
+    unmarked = copy.deepcopy(tokenizer)
+    unmarked.chat_template = unmarked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(ValueError, match="found none.*generation"):
+        collect_activations(model, unmarked, conversations, 1, assistant_only=True)
     tokenizer.pad_token = None  # as Llama 3 Instruct ships: padded with EOS, left without a pad token
     torch.testing.assert_close(collect_activations(model, tokenizer, conversations, 1, batch_size=2), acts)
     assert tokenizer.pad_token is None
