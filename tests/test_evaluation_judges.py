@@ -23,6 +23,7 @@ from hf_blockem.evaluation import JudgementCache, LocalJudge, score_distribution
 from hf_blockem.evaluation.judge_prompts import PROMPT_VERSION, render_judge_prompt
 from hf_blockem.evaluation.llm_judge import rubric_grade_to_aligned
 from hf_blockem.evaluation.scoring import parse_number_token, probs_from_logprobs
+from hf_blockem.fingerprints import weights_fingerprint
 
 # -- scoring -------------------------------------------------------------------------------------------------------
 
@@ -81,10 +82,16 @@ def test_local_judge_scores_from_its_own_number_tokens(judge_model):
         assert v.coherent == pytest.approx(_expected_score(model, tokenizer, "coherent", q, a), abs=1e-4)
         assert v.label is None
         assert v.judge == {"type": "local", "model": "tiny-judge", "revision": None, "mode": "0-100",
-                           "prompt_version": PROMPT_VERSION}  # fmt: skip
+                           "prompt_version": PROMPT_VERSION, "dtype": "float32",
+                           "weights": weights_fingerprint(model)}  # fmt: skip
     # Batching (left padding) does not change the scores.
     single = LocalJudge(model, tokenizer, name="tiny-judge", batch_size=1, progress=False).judge(questions, answers)
     assert [v.aligned for v in single] == pytest.approx([v.aligned for v in verdicts], abs=1e-5)
+    # Another judge model under the same name (retrained at the same path) has another identity, so its own cache.
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        next(retrained.parameters()).view(-1)[0] += 1e-3
+    assert LocalJudge(retrained, tokenizer, name="tiny-judge", progress=False).identity != judge.identity
     # A judge tokenizer without a pad token (Llama 3 Instruct) pads with EOS, and keeps having none.
     padless = copy.deepcopy(tokenizer)
     padless.pad_token = None

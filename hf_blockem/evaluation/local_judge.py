@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..fingerprints import weights_fingerprint
 from ..padding import padding
 from .cache import JudgementCache
 from .llm_judge import LogprobJudge
@@ -61,6 +62,10 @@ class LocalJudge(LogprobJudge):
         self.batch_size = batch_size
         config = getattr(model, "config", None)
         self._commit = getattr(config, "_commit_hash", None)
+        # The cache is keyed on the judge's identity: a retrained judge at the same path, or the same one in another
+        # dtype, must not be served the old judgements.
+        self._weights = weights_fingerprint(model)
+        self._dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         ids = list(range(len(tokenizer)))
         texts = tokenizer.batch_decode([[i] for i in ids])
         # Keyed by the top of the range: 100 for the 0–100 metrics, 5 for the rubric grade.
@@ -78,7 +83,13 @@ class LocalJudge(LogprobJudge):
             )
 
     def _identity_fields(self) -> dict[str, Any]:
-        return {"type": "local", "model": self.name, "revision": self._commit}
+        return {
+            "type": "local",
+            "model": self.name,
+            "revision": self._commit,
+            "dtype": self._dtype,
+            "weights": self._weights,
+        }
 
     def _next_token_probs(self, texts: list[str]) -> torch.Tensor:
         tokenizer, model = self.tokenizer, self.model

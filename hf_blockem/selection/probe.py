@@ -68,15 +68,15 @@ class SteeringProbe:
     batch_size: int = 64
     cache_dir: str | Path | None = None
     calls: int = field(default=0, init=False)
-    _model_fingerprint: str | None = field(default=None, init=False, repr=False)
+    _model_fingerprint: list[str | None] | None = field(default=None, init=False, repr=False)
 
     def _key(self, steering: Sequence[Steering]) -> str:
-        if self._model_fingerprint is None:
-            self._model_fingerprint = weights_fingerprint(self.model)
+        if self._model_fingerprint is None:  # once per probe: a large vocabulary takes a while to serialise
+            self._model_fingerprint = [weights_fingerprint(self.model), tokenizer_fingerprint(self.tokenizer)]
         digest = hashlib.sha256()
         settings = [self.name, list(self.prompts), self.n_samples, self.max_new_tokens, self.temperature, self.seed]
-        model = [self._model_fingerprint, tokenizer_fingerprint(self.tokenizer)]
-        digest.update(json.dumps([settings, model, self.judge.identity], sort_keys=True, default=str).encode())
+        identity = [settings, self._model_fingerprint, self.judge.identity]
+        digest.update(json.dumps(identity, sort_keys=True, default=str).encode())
         for s in steering:
             digest.update(f"{s.layer}:{float(s.alpha)!r}:".encode())
             digest.update(s.direction.detach().float().cpu().numpy().tobytes())
