@@ -35,8 +35,8 @@ class ProbeResult:
 class SteeringProbe:
     """Samples answers from one model on a fixed prompt sample, optionally steered, and judges them.
 
-    Results are cached as JSON under `cache_dir`, keyed on the model's `name` and weights (a fingerprint of every
-    parameter, adapters included), its tokenizer, the prompts, the sampling settings, the judge's identity and
+    Results are cached as JSON under `cache_dir`, keyed on the model's `name` and weights (a sampled fingerprint
+    of every parameter, adapters included), its tokenizer, the prompts, the sampling settings, the judge's identity and
     the steering (layer, direction bytes, alpha), so an interrupted selection resumes where it stopped and a run on
     another model or adapter never reads its results. Answers the judge could not score (an outage, a quota) are left
     out of the rates and keep the result out of the cache, so a rerun asks again.
