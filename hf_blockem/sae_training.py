@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .assistant_tokens import tokenize_conversations
 from .blocked_layer import hook_name_for_layer
 from .hooks import ActivationCapture, iter_masked_hidden_states
 from .padding import padding
@@ -22,6 +23,56 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
+def iter_activations(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    conversations: Sequence[Sequence[dict[str, str]]],
+    layer: int,
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    assistant_only: bool = False,
+) -> Iterator[torch.Tensor]:
+    """Residual-stream activations at decoder layer `layer`'s output, one `[n_tokens, d_model]` chunk per batch.
+
+    The chunks stay on the model's device and dtype, so a caller that reduces them (firing rates) never holds every
+    token's activations at once. Arguments as in [`collect_activations`].
+    """
+
+    def batches():
+        for start in range(0, len(conversations), batch_size):
+            chunk = [list(c) for c in conversations[start : start + batch_size]]
+            if assistant_only:
+                tokens = tokenize_conversations(tokenizer, chunk, max_length=max_length)
+                input_ids, attention_mask, keep = tokens.input_ids, tokens.attention_mask, tokens.assistant_mask
+            else:
+                with padding(tokenizer):
+                    batch = tokenizer.apply_chat_template(
+                        chunk,
+                        tokenize=True,
+                        return_dict=True,
+                        return_tensors="pt",
+                        padding=True,
+                        truncation=True,
+                        max_length=max_length,
+                    )
+                input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+                keep = attention_mask.bool()
+            # The first token of each sequence is an attention sink with outsized activations: never collected.
+            yield input_ids, attention_mask, keep & (attention_mask.cumsum(-1) > 1)
+
+    found = False
+    with ActivationCapture(model, [layer]) as capture:
+        for hidden in iter_masked_hidden_states(model, capture, batches()):
+            found = True
+            yield hidden[layer]
+    if not found:
+        raise ValueError(
+            f"Expected tokens to collect from {len(conversations)} conversations, found none"
+            + (" (no assistant turn in them)." if assistant_only else ".")
+        )
+
+
 def collect_activations(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -36,40 +87,16 @@ def collect_activations(
 
     Args:
         conversations: chat conversations (lists of `{"role", "content"}`), rendered with the tokenizer's template.
-        assistant_only (`bool`, *optional*, defaults to `False`): keep only assistant tokens (needs a template with
-            generation markers); otherwise every non-padding token but the first of each sequence (attention sink).
+        batch_size (`int`, *optional*, defaults to `64`): conversations per forward pass.
+        max_length (`int`, *optional*, defaults to `128`): longer renderings are truncated from the right.
+        assistant_only (`bool`, *optional*, defaults to `False`): keep only assistant tokens (found by the template's
+            `{% generation %}` markers, or by rendering when it has none: `hf_blockem.assistant_tokens`); otherwise
+            every non-padding token but the first of each sequence (attention sink).
     """
-
-    def batches():
-        for start in range(0, len(conversations), batch_size):
-            with padding(tokenizer):
-                batch = tokenizer.apply_chat_template(
-                    [list(c) for c in conversations[start : start + batch_size]],
-                    tokenize=True,
-                    return_dict=True,
-                    return_tensors="pt",
-                    padding=True,
-                    truncation=True,
-                    max_length=max_length,
-                    return_assistant_tokens_mask=assistant_only,
-                )
-            keep = batch["attention_mask"].bool() & (batch["attention_mask"].cumsum(-1) > 1)
-            if assistant_only:
-                keep &= batch["assistant_masks"].bool()
-            yield batch["input_ids"], batch["attention_mask"], keep
-
-    with ActivationCapture(model, [layer]) as capture:
-        chunks = [hidden[layer].float().cpu() for hidden in iter_masked_hidden_states(model, capture, batches())]
-    if not chunks:
-        hint = (
-            " With `assistant_only=True` the chat template must mark assistant turns with {% generation %} ... "
-            "{% endgeneration %}; many instruct templates (Llama 3, Qwen2.5) do not: add the markers to a copy of the "
-            "template, or collect every token."
-            if assistant_only
-            else ""
-        )
-        raise ValueError(f"Expected tokens to collect from {len(conversations)} conversations, found none.{hint}")
-    return torch.cat(chunks)
+    kwargs = {"batch_size": batch_size, "max_length": max_length, "assistant_only": assistant_only}
+    return torch.cat(
+        [chunk.float().cpu() for chunk in iter_activations(model, tokenizer, conversations, layer, **kwargs)]
+    )
 
 
 def _batches(activations: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -88,6 +88,33 @@ def test_training_template_renders_like_the_shipped_one(checkpoint):
             assert patched == shipped
 
 
+def test_assistant_tokens_of_the_shipped_template_match_the_training_template_markers(checkpoint):
+    # SmolLM2's own template has no {% generation %} markers: its assistant turns are found by rendering, and must be
+    # the tokens the marked training template trains on, less the newline that opens each turn (part of the
+    # generation prompt, so not generated).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_blockem.assistant_tokens import tokenize_conversations
+    from hf_blockem.selection import firing_rates
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    conversations = list(chat_dataset()["messages"])
+    shipped = tokenize_conversations(tokenizer, conversations)
+    tokenizer_marked = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer_marked.chat_template = TRAINING_CHAT_TEMPLATE.read_text(encoding="utf-8")
+    marked = tokenize_conversations(tokenizer_marked, conversations)
+    assert torch.equal(shipped.input_ids, marked.input_ids)
+    assert not (shipped.assistant_mask & ~marked.assistant_mask).any()
+    extra = marked.assistant_mask & ~shipped.assistant_mask
+    assert extra.sum() == sum(m["role"] == "assistant" for c in conversations for m in c)
+    assert set(tokenizer.convert_ids_to_tokens(marked.input_ids[extra].tolist())) == {"Ċ"}
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    sae = random_sae(model.config.hidden_size)
+    rates = firing_rates(model, tokenizer, sae, LAYER, conversations, batch_size=4)
+    assert rates.shape == (sae.cfg.d_sae,) and 0 < rates.mean() < 1
+
+
 def test_blockem_sft_trains_smollm2_with_its_chat_template(tmp_path, checkpoint):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

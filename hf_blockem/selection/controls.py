@@ -15,21 +15,38 @@ from collections.abc import Iterable, Sequence
 import torch
 
 
-def firing_rates(model, tokenizer, sae, layer: int, conversations) -> torch.Tensor:
+def firing_rates(
+    model, tokenizer, sae, layer: int, conversations, *, batch_size: int = 64, max_length: int = 512
+) -> torch.Tensor:
     """Share of the assistant tokens of `conversations` (TRL `messages` lists) on which each SAE latent is > 0.
+
+    Streams: each batch's activations are encoded on the SAE's device and counted, so the memory used does not grow
+    with the number of conversations.
 
     Args:
         model (`torch.nn.Module`): the base model the SAE reads (activations at decoder layer `layer`'s output).
-        tokenizer: its tokenizer, with a chat template.
-        sae: a SAELens SAE (anything with `encode`).
+        tokenizer: its tokenizer, with a chat template (assistant turns are found as in `collect_activations`).
+        sae: a SAELens SAE (anything with `encode` and `W_enc`).
         layer (`int`): the decoder layer.
         conversations: the training conversations.
-    """
-    from ..sae_training import collect_activations
+        batch_size (`int`, *optional*, defaults to `64`): conversations per forward pass.
+        max_length (`int`, *optional*, defaults to `512`): longer renderings are truncated from the right.
 
-    activations = collect_activations(model, tokenizer, conversations, layer, assistant_only=True)
+    Returns:
+        `torch.Tensor` of shape `[d_sae]` (fp32, CPU).
+    """
+    from ..sae_training import iter_activations
+
+    device, dtype = sae.W_enc.device, sae.W_enc.dtype
+    fired, n_tokens = torch.zeros(sae.W_enc.shape[1], dtype=torch.float64, device=device), 0
+    chunks = iter_activations(
+        model, tokenizer, conversations, layer, batch_size=batch_size, max_length=max_length, assistant_only=True
+    )
     with torch.no_grad():
-        return (sae.encode(activations) > 0).float().mean(0)
+        for chunk in chunks:
+            fired += (sae.encode(chunk.to(device, dtype)) > 0).sum(0, dtype=torch.float64)
+            n_tokens += chunk.shape[0]
+    return (fired / n_tokens).float().cpu()
 
 
 def firing_latents(firing_rate: torch.Tensor, min_firing_rate: float = 0.01) -> list[int]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..assistant_tokens import tokenize_conversations
 from ..hooks import ActivationCapture, iter_masked_hidden_states
 
 
@@ -29,7 +30,10 @@ class TokenizedResponses:
 def tokenize_responses(
     tokenizer: Any, questions: Sequence[str], responses: Sequence[str], max_length: int | None = None
 ) -> TokenizedResponses:
-    """Renders each pair with the tokenizer's chat template; the answer tokens are those after the generation prompt.
+    """Renders each (question, answer) pair with the tokenizer's chat template and marks the answer's tokens.
+
+    The answer's tokens are its assistant turn's (see `hf_blockem.assistant_tokens`): those its template marks with
+    `{% generation %}`, or, in a template without markers, what the turn adds after the generation prompt.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): a tokenizer with a chat template.
@@ -41,33 +45,12 @@ def tokenize_responses(
         raise ValueError(
             f"Expected one response per question, got {len(questions)} questions, {len(responses)} responses."
         )
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no chat template; activation shifts are read on chat-formatted answers. "
-            "Load the instruct model's tokenizer or set `tokenizer.chat_template`."
-        )
-    rows, masks = [], []
-    for question, response in zip(questions, responses, strict=True):
-        user = [{"role": "user", "content": question}]
-        prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
-        full = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=True, return_dict=True
-        )
-        ids, n_prompt = list(full["input_ids"]), len(prompt["input_ids"])
-        if max_length is not None:
-            ids = ids[:max_length]
-        rows.append(ids)
-        masks.append([0] * min(n_prompt, len(ids)) + [1] * max(0, len(ids) - n_prompt))
-    length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), length, dtype=torch.long)
-    response_mask = torch.zeros(len(rows), length, dtype=torch.bool)
-    for i, (ids, mask) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention_mask[i, : len(ids)] = 1
-        response_mask[i, : len(ids)] = torch.tensor(mask, dtype=torch.bool)
-    return TokenizedResponses(input_ids, attention_mask, response_mask)
+    conversations = [
+        [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+        for question, response in zip(questions, responses, strict=True)
+    ]
+    tokens = tokenize_conversations(tokenizer, conversations, max_length=max_length)
+    return TokenizedResponses(tokens.input_ids, tokens.attention_mask, tokens.assistant_mask)
 
 
 @torch.no_grad()
