@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
+import weakref
 
 import pytest
 import torch
@@ -78,6 +80,22 @@ def test_trial_keeps_the_alternative_whose_run_answers_best(three_saes, tmp_path
     # Equal answers: the alternative listed first wins.
     index, _ = choose_by_trial(alternatives, lambda name, s: base, tokenizer, BadWordJudge(), PROMPTS, n_samples=2)
     assert index == 0
+
+
+def test_each_trial_run_is_judged_and_released_before_the_next_trains(three_saes):
+    # At 7B scale N fine-tuned models do not fit together: a run must be garbage once it has been judged.
+    base, _, tokenizer, result = three_saes
+    alive = []
+
+    def fine_tune(name, latent_set):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "an earlier trial's model is still held"
+        model = type(base)(base.config)
+        alive.append(weakref.ref(model))
+        return model
+
+    _, trials = choose_by_trial(result.alternatives(), fine_tune, tokenizer, BadWordJudge(), PROMPTS, n_samples=2)
+    assert len(alive) == 2 and [t.name for t in trials] == ["early+late", "early+late_rolled"]
 
 
 def test_trial_rejects_alternatives_without_latents(three_saes):

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..peft_aliasing import without_injected_adapters
 from .generation import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -165,7 +166,9 @@ def evaluate(
 
     Args:
         models (`PreTrainedModel` or `dict[str, PreTrainedModel | (PreTrainedModel, tokenizer)]`):
-            one model, or several by name (for example `{"base": base, "fine-tuned": tuned}`).
+            one model, or several by name (for example `{"base": base, "fine-tuned": tuned}`). A model that a
+            `PeftModel` among them wraps (`get_peft_model(base, ...)` injects its adapters into `base`) is evaluated
+            with those adapters disabled, as the base it was.
         tokenizer (`PreTrainedTokenizerBase`, *optional*): shared tokenizer, when `models` holds no pairs.
         judges (`Judge` or list of `Judge`): the first is the primary judge.
         prompts (list of `str` or `Prompt`, *optional*): defaults to the evaluation half of the built-in OOD prompts.
@@ -215,14 +218,17 @@ def evaluate(
         "progress": progress,
     }
     responses, in_domain, losses = {}, {}, {}
-    for name, entry in entries.items():
-        model, tok = _model_and_tokenizer(entry, tokenizer)
+    pairs = {name: _model_and_tokenizer(entry, tokenizer) for name, entry in entries.items()}
+    for name, (model, tok) in pairs.items():
         logger.info("Generating %d x %d answers with %s", len(items), n_samples, name)
-        responses[name] = generate_responses(model, tok, items, **generation)
-        if in_domain_prompts is not None:
-            in_domain[name] = generate_responses(model, tok, as_prompts(in_domain_prompts), **generation)
-        if held_out_conversations is not None:
-            losses[name] = held_out_loss(model, tok, held_out_conversations, batch_size=batch_size)
+        # `{"base": base, "tuned": get_peft_model(base, ...)}`: PEFT injected the adapters into `base` itself.
+        others = {other: m for other, (m, _) in pairs.items() if other != name}
+        with without_injected_adapters(model, others):
+            responses[name] = generate_responses(model, tok, items, **generation)
+            if in_domain_prompts is not None:
+                in_domain[name] = generate_responses(model, tok, as_prompts(in_domain_prompts), **generation)
+            if held_out_conversations is not None:
+                losses[name] = held_out_loss(model, tok, held_out_conversations, batch_size=batch_size)
     config = {
         **{k: v for k, v in generation.items() if k not in ("steering", "backend", "progress")},
         "prompts": [p.id for p in items],

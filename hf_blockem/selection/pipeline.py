@@ -17,6 +17,7 @@ import torch
 from ..evaluation.generation import Steering, generate_responses
 from ..evaluation.judge_base import Judge
 from ..latent_set import LatentSet
+from ..peft_aliasing import resolve_base_model
 from .calibration import RULES, Calibration, calibrate, rank_and_select
 from .probe import ProbeResult, SteeringProbe
 from .screen import Candidate, ScreenResult, keep_causal, screen_candidates
@@ -216,8 +217,9 @@ def select_layer(
     """Runs Stages 1–3 for one SAE reading the output of decoder layer `layer`.
 
     Args:
-        base_model, misaligned_model (`PreTrainedModel`): the aligned base and the emergently misaligned reference
-            (the same `PeftModel` object when the reference is an adapter on the base).
+        base_model, misaligned_model (`PreTrainedModel`): the aligned base and the emergently misaligned reference.
+            When the reference is a `PeftModel` on the base, pass it twice, or pass the model its adapters were
+            injected into as `base_model`: either way the base is read with the adapters disabled.
         tokenizer (`PreTrainedTokenizerBase`): shared tokenizer with a chat template.
         sae (`sae_lens.SAE`): a StandardSAE or JumpReLUSAE reading `blocks.{layer}.hook_resid_post`.
         layer (`int`): decoder-layer index.
@@ -233,6 +235,7 @@ def select_layer(
     """
     config = config or SelectionConfig()
     name = name or f"layer_{layer}"
+    base_model = resolve_base_model(base_model, misaligned_model)
     sample = {"temperature": config.temperature, "max_new_tokens": config.max_new_tokens}
     sample.update(batch_size=config.batch_size, seed=config.seed)
 

@@ -58,8 +58,9 @@ def choose_by_trial(
     Args:
         alternatives (sequence of `SelectionResult`): usually `SelectionResult.alternatives()`.
         fine_tune (`Callable[[str, LatentSet], PreTrainedModel]`): runs the blocked fine-tune for an alternative's
-            name and latent set and returns the trained model. Keep what it trains: the winner's run *is* the
-            blocked model, so it need not be trained again.
+            name and latent set and returns the trained model. Each model is judged and released before the next
+            alternative trains, so only one is in memory at a time; keep what it trains on disk: the winner's run
+            *is* the blocked model, so it need not be trained again.
         tokenizer, judge: as for `evaluate`.
         prompts (sequence of `str`): selection prompts, never the evaluation split.
         n_samples, max_new_tokens, seed: sampling of the judged answers (the same for every alternative).
@@ -95,27 +96,31 @@ def choose_by_trial(
     missing = [a.name or "(empty)" for a in alternatives if a.latent_set is None]
     if missing:
         raise ValueError(f"Expected every alternative to hold a latent set; these hold none: {missing}.")
-    models = {alternative.name: fine_tune(alternative.name, alternative.latent_set) for alternative in alternatives}
-    summary = evaluate(
-        models,
-        tokenizer,
-        judges=judge,
-        prompts=list(prompts),
-        n_samples=n_samples,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        progress=False,
-    ).summary()
-    trials = [
-        Trial(
-            name=name,
-            em_rate=summary[name]["em_rate"]["value"],
-            incoherence_rate=summary[name]["incoherence_rate"]["value"],
-            n=summary[name]["em_rate"]["n"],
-            unscored_rate=summary[name]["unscored_rate"]["value"],
+    trials = []
+    for alternative in alternatives:
+        # Judge each run as soon as it is trained and let it go: N fine-tuned models never share the memory at once.
+        # Every run answers with the same sampling seed, so the alternatives differ by their latents, not by luck.
+        model = fine_tune(alternative.name, alternative.latent_set)
+        summary = evaluate(
+            {alternative.name: model},
+            tokenizer,
+            judges=judge,
+            prompts=list(prompts),
+            n_samples=n_samples,
+            max_new_tokens=max_new_tokens,
+            seed=seed,
+            progress=False,
+        ).summary()[alternative.name]
+        del model
+        trials.append(
+            Trial(
+                name=alternative.name,
+                em_rate=summary["em_rate"]["value"],
+                incoherence_rate=summary["incoherence_rate"]["value"],
+                n=summary["em_rate"]["n"],
+                unscored_rate=summary["unscored_rate"]["value"],
+            )
         )
-        for name in models
-    ]
     best = max(range(len(trials)), key=lambda i: (trials[i].score, -i))
     for trial in trials:
         logger.info(
