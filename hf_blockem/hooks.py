@@ -118,7 +118,8 @@ def tokens_at_mask(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             f"of shape {list(mask.shape)}, received {list(hidden.shape)}. The hooked module must be a decoder layer "
             "of the model that ran on this batch."
         )
-    return hidden[:, extra:][mask]
+    # `device_map` splits a model across devices: the layer's output need not be where the batch started.
+    return hidden[:, extra:][mask.to(hidden.device)]
 
 
 class StopForward(Exception):

@@ -201,7 +201,7 @@ class BlockEMTrainerMixin(BlockEMHubMixin):
         for blocked in self.latent_set.layers:
             z = blocked.encode(tokens_at_mask(hidden[blocked.layer], mask))
             layer_sum = block_penalty_sum(z, z_base[blocked.layer], blocked.signs_on(z.device))
-            penalty_sum = penalty_sum + layer_sum
+            penalty_sum = penalty_sum + layer_sum.to(penalty_sum.device)  # layers may sit on other devices
             stats.append((blocked, z.detach(), z_base[blocked.layer], layer_sum.detach()))
 
         lam = self.current_block_lambda()
