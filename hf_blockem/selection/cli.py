@@ -100,6 +100,19 @@ def load_sae(spec: str, *, device: str, revision: str | None = None) -> tuple[An
     raise ValueError(f"Expected an SAE spec path:DIR, release:RELEASE:SAE_ID or hub:REPO:FOLDER, got {spec!r}.")
 
 
+def selection_questions(prompts) -> list[str]:
+    """The questions of `prompts` (`Prompt`s); selection renders each alone in a user turn, so a prompt's system
+    message is left out, with a warning that names the prompts that had one."""
+    with_system = [p.id for p in prompts if p.system]
+    if with_system:
+        logger.warning(
+            "Selection puts each question alone in a user turn: the system messages of %d prompts (%s) are left out.",
+            len(with_system),
+            ", ".join(with_system[:5]) + (", ..." if len(with_system) > 5 else ""),
+        )
+    return [p.question for p in prompts]
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -145,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         layer = args.layer[i] if args.layer else layer_from_hook_name(hook)
         name = f"sae{i}_layer{layer}_w{sae.cfg.d_sae}"
         saes[name], provenance[name] = (sae, layer), info
-    prompts = [p.question for p in load_prompt_specs(args.prompts)]
+    prompts = selection_questions(load_prompt_specs(args.prompts))
     result = select_latents(
         base,
         misaligned,
