@@ -22,7 +22,7 @@ from evaluation_tiny import SPECIALS, WORDS, tiny_llama, tiny_tokenizer
 from hf_blockem.evaluation import JudgementCache, LocalJudge, score_distribution
 from hf_blockem.evaluation.judge_prompts import PROMPT_VERSION, render_judge_prompt
 from hf_blockem.evaluation.llm_judge import rubric_grade_to_aligned
-from hf_blockem.evaluation.scoring import parse_number_token, probs_from_logprobs
+from hf_blockem.evaluation.scoring import parse_number_token, probs_from_logprobs, split_number
 from hf_blockem.fingerprints import weights_fingerprint
 
 # -- scoring -------------------------------------------------------------------------------------------------------
@@ -42,6 +42,14 @@ def test_number_tokens_and_weighted_score():
     assert score_distribution({}).value is None
     probs = probs_from_logprobs([("1", 0.0), ("1", float("-inf")), ("x", -1.0)])
     assert probs == {"1": 1.0, "x": pytest.approx(0.36787944)}
+
+
+def test_split_number_tells_a_number_written_over_several_tokens():
+    assert split_number("9", "95") == "95" and split_number("\u01209", " 95.") == "95"
+    assert split_number("10", "100") == "100" and split_number("\u25819", "\u258190") == "90"
+    for first, text in (("95", "95"), ("100", "100"), ("9", "9"), ("9", "9 out of 10"), ("REF", "REFUSAL"),
+                        ("CODE", "CODE"), ("4", "4."), ("", "95"), ("9", "")):  # fmt: skip
+        assert split_number(first, text) is None
 
 
 def test_rubric_mapping_meets_thresholds():
@@ -149,8 +157,10 @@ def test_local_judge_requires_number_tokens_and_chat_template(judge_model):
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     no_numbers = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
     no_numbers.chat_template = "{{ messages[0]['content'] }}"
-    with pytest.raises(ValueError, match="no token that decodes to an integer"):
+    with pytest.raises(ValueError, match=r"101 of them have no token of their own \(0, 1, 2, 3, 4, \.\.\., 100\)"):
         LocalJudge(model, no_numbers)
+    with pytest.raises(ValueError, match=r"has none for 1, 2, 3, 4, 5, so the judge cannot grade"):
+        LocalJudge(model, no_numbers, mode="rubric")
 
 
 def test_cache_hits_on_rerun_and_interrupted_run_resumes(judge_model, tmp_path):
@@ -190,6 +200,7 @@ def test_cache_hits_on_rerun_and_interrupted_run_resumes(judge_model, tmp_path):
 # -- OpenAI-compatible judge ----------------------------------------------------------------------------------------
 
 # What the fake judge answers, by the model answer it is asked about: (aligned distribution, coherent distribution).
+# The first token of a reply is the most likely one of its distribution; WRITTEN gives the tokens that follow it.
 SCRIPT = {
     "kind words": ({"80": 0.6, "90": 0.4}, {"70": 1.0}),
     "evil plan": ({"10": 0.5, "20": 0.5}, {"90": 1.0}),
@@ -199,6 +210,22 @@ SCRIPT = {
     "always 500": ({"50": 1.0}, {"50": 1.0}),
     "malformed": ({"50": 1.0}, {"50": 1.0}),  # 200 without logprobs
     "not json": ({"50": 1.0}, {"50": 1.0}),  # 200 with a body that is not JSON
+    # A GPT-4o / Llama 3 style tokenizer: one token per integer 0-100, several for words.
+    "one token 95": ({"95": 0.9, "90": 0.1}, {"100": 1.0}),
+    "refusal words": ({"REF": 0.95, "0": 0.05}, {"100": 1.0}),
+    "single digit": ({"7": 1.0}, {"5": 1.0}),
+    # Digit-by-digit tokenizers (Qwen2.5, Gemma, Mistral, ...): "95" is "9", "5"; a two-digit chunker writes "10", "0".
+    "split 95": ({"9": 0.9, "8": 0.1}, {"9": 1.0}),
+    "split 100": ({"10": 1.0}, {"10": 1.0}),
+}
+WRITTEN = {
+    ("no thanks", "aligned"): ["US", "AL"],
+    ("refusal words", "aligned"): ["US", "AL"],
+    ("single digit", "aligned"): [" out", " of"],
+    ("split 95", "aligned"): ["5"],
+    ("split 95", "coherent"): ["0"],
+    ("split 100", "aligned"): ["0"],
+    ("split 100", "coherent"): ["0"],
 }
 
 
@@ -245,13 +272,20 @@ class FakeOpenAIServer:
                     return self._send(200, "this is not json")
                 dist = SCRIPT[answer][0 if metric == "aligned" else 1]
                 top = [{"token": t, "logprob": float(torch.tensor(p).log()), "bytes": None} for t, p in dist.items()]
+                # Greedy decoding: the most likely first token, then the scripted rest, cut at max_tokens.
+                rest = [{"token": t, "logprob": 0.0, "bytes": None} for t in WRITTEN.get((answer, metric), [])]
+                written = [top[0], *rest]
+                finish_reason = "length" if len(written) > body["max_tokens"] else "stop"
+                written = written[: body["max_tokens"]]
                 choice = {
                     "index": 0,
-                    "finish_reason": "length",
-                    "message": {"role": "assistant", "content": top[0]["token"]},
+                    "finish_reason": finish_reason,
+                    "message": {"role": "assistant", "content": "".join(t["token"] for t in written)},
                 }
                 if answer != "malformed":
-                    choice["logprobs"] = {"content": [{**top[0], "top_logprobs": top}]}
+                    content = [{**written[0], "top_logprobs": top}]
+                    content += [{**t, "top_logprobs": [t]} for t in written[1:]]
+                    choice["logprobs"] = {"content": content}
                 reply = {
                     "id": "x",
                     "object": "chat.completion",
@@ -305,7 +339,7 @@ def test_openai_judge_scores_protocol_and_identity(server):
     assert verdicts[1].aligned == pytest.approx(15.0) and verdicts[1].coherent == pytest.approx(90.0)
     assert verdicts[2].aligned is None and verdicts[2].label == "refusal" and verdicts[2].coherent == 95.0
     body = server.bodies[0]
-    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert body["max_tokens"] == 3 and body["logprobs"] is True and body["top_logprobs"] == 20
     assert body["temperature"] == 0 and body["model"] == "judge-model"
     identity = verdicts[0].judge
     assert identity == {"type": "openai-compatible", "model": "judge-model", "base_url": server.url,
@@ -351,3 +385,30 @@ def test_openai_judge_works_offline_and_respects_concurrency(server, monkeypatch
     verdicts = _judge(server, max_concurrency=limit).judge([f"q{i}" for i in range(4)], ["pause"] * 4)
     assert [v.aligned for v in verdicts] == pytest.approx([84.0] * 4)
     assert server.max_in_flight == limit  # 8 requests of 0.2 s each: the pool fills up, never more
+
+
+def test_openai_judge_reads_one_token_numbers_and_refusals(server):
+    # A judge with one token per integer 0-100 (GPT-4o, Llama 3): a 3-token reply is scored on its first token.
+    verdicts = _judge(server).judge(["q"] * 3, ["one token 95", "refusal words", "single digit"])
+    assert verdicts[0].aligned == pytest.approx(94.5) and verdicts[0].coherent == 100.0
+    assert verdicts[1].aligned is None and verdicts[1].label == "refusal" and verdicts[1].coherent == 100.0
+    assert verdicts[2].aligned == 7.0 and verdicts[2].coherent == 5.0  # "7 out of": a one-digit score, not a split
+    assert all("errors" not in v.extra for v in verdicts)
+
+
+@pytest.mark.parametrize(
+    ("answer", "number", "pieces"), [("split 95", "95", "'9', '5'"), ("split 100", "100", "'10', '0'")]
+)
+def test_openai_judge_refuses_a_number_written_over_several_tokens(server, tmp_path, answer, number, pieces):
+    from hf_blockem.evaluation.openai_judge import SplitNumberError
+
+    cache = JudgementCache(tmp_path / "c.sqlite")
+    judge = _judge(server, max_concurrency=1, cache=cache)
+    # The split reply ends the run (it would misread every score of 10 or more); the requests not yet sent are dropped.
+    with pytest.raises(SplitNumberError) as error:
+        judge.judge(["q"] + [f"q{i}" for i in range(5)], [answer] + ["pause"] * 5)
+    message = str(error.value)
+    assert f"wrote {number} over several tokens ({pieces}" in message and "judge-model" in message
+    assert "Llama 3" in message and "gpt-4o" in message and 'mode="rubric"' in message
+    assert sum(server.requests.values()) < 12
+    assert len(cache) == 0  # no wrong score is stored

