@@ -3,6 +3,7 @@ drift (and its silence without one), adaptive re-blocking with save and resume."
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import pickle
@@ -319,3 +320,43 @@ def test_misalignment_directions_are_mean_differences():
         torch.testing.assert_close(directions[layer], (tuned - base).mean(0))
     with pytest.raises(ValueError, match="identical activations"):
         misalignment_directions(lora_model(), lora_model(), batch, [0])
+
+
+@pytest.mark.parametrize("sae_dtype", [torch.float32, torch.float64])
+def test_full_sae_drift_is_summed_over_token_chunks(sae_dtype):
+    # The full SAEs encode the probe a few tokens at a time; every sum and logged value is the one-shot computation's.
+    from hf_blockem.diagnostics import probe_metrics, probe_sums
+
+    model = lora_model(perturb=0.3)
+    model.eval()
+    batch = probe()
+    trained = {layer: hidden(model, batch, layer) for layer in (1, 2)}
+    with model.disable_adapter():
+        base = {layer: hidden(model, batch, layer) for layer in (1, 2)}
+    torch.manual_seed(0)
+    directions = {1: torch.randn(HIDDEN), 2: torch.randn(HIDDEN)}
+    latent_set = blocked_set(1, directions)
+    saes = {1: tiny_sae(d_sae=24, seed=5), 2: tiny_sae(d_sae=40, seed=6)}
+    kwargs = {"latent_set": latent_set, "saes": saes, "directions": directions}
+    assert batch.n_tokens > 20  # several chunks of 3 tokens, the last one partial
+    with torch.no_grad():  # as in the callback's measurement
+        expected = probe_sums(trained, base, token_chunk=10_000, **kwargs)
+    for layer, sae in saes.items():  # the former one-shot computation: [n_tokens, d_sae] latents of both models
+        with torch.no_grad():
+            drift = (sae.encode(trained[layer]) - sae.encode(base[layer])).sum(0)
+        torch.testing.assert_close(expected[f"sae/{layer}/drift"], drift, rtol=1e-5, atol=1e-5)
+    kwargs["saes"] = {layer: copy.deepcopy(sae).to(sae_dtype) for layer, sae in saes.items()}
+    with torch.no_grad():
+        sums = probe_sums(trained, base, token_chunk=3, **kwargs)
+    assert sums.keys() == expected.keys()
+    for key, value in expected.items():
+        assert sums[key].dtype == value.dtype == torch.float32, key
+        torch.testing.assert_close(sums[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    metrics, rerouting = probe_metrics(sums, top_k=3, **kwargs)
+    expected_metrics, expected_rerouting = probe_metrics(expected, top_k=3, **kwargs)
+    assert metrics.keys() == expected_metrics.keys()
+    for key, value in expected_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    for layer, info in expected_rerouting.items():
+        torch.testing.assert_close(rerouting[layer]["drift"], info["drift"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rerouting[layer]["score"], info["score"], rtol=1e-5, atol=1e-6)

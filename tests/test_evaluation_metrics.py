@@ -112,3 +112,96 @@ def test_target_rate_uses_checker_and_clusters():
     r = target_rate(rows, lambda row: row["response"] == row["reference"])
     assert (r.count, r.n, r.value) == (3, 4, 0.75)
     assert r.ci_low <= 0.75 <= r.ci_high and r.ci_low >= 0.5  # clusters: 1/2 and 1 -> resamples in {.5, .75, 1}
+
+
+def reference_held_out_loss(model, tokenizer, conversations, batch_size):
+    """`held_out_loss` as it was: fp32 logits of every position of every row, one cross-entropy over the batch."""
+    import torch
+
+    total, count = 0.0, 0
+    sequences = []
+    for messages in conversations:
+        full = tokenizer.apply_chat_template(messages, tokenize=False)
+        context = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        sequences.append((ids, len(tokenizer(context, add_special_tokens=False)["input_ids"])))
+    with torch.no_grad():
+        for b in range(0, len(sequences), batch_size):
+            chunk = sequences[b : b + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            attention = torch.zeros(len(chunk), width, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for row, (ids, start) in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention[row, : len(ids)] = 1
+                labels[row, start : len(ids)] = torch.tensor(ids[start:])
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            shifted = labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1), reduction="sum", ignore_index=-100
+            )
+            total += float(loss)
+            count += int((shifted != -100).sum())
+    return total / count
+
+
+def held_out_conversations():
+    from tiny_models import WORDS
+
+    lengths = [(2, 5), (4, 1), (1, 9), (3, 3), (6, 2)]  # uneven: right padding inside every batch of 2
+    return [
+        [
+            {"role": "user", "content": " ".join(WORDS[(7 * i + j) % 40] for j in range(q))},
+            {"role": "assistant", "content": " ".join(WORDS[(5 * i + 3 * j) % 50] for j in range(a))},
+        ]
+        for i, (q, a) in enumerate(lengths)
+    ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "gpt_neox", "lora"])
+def test_held_out_loss_computes_logits_for_the_answers_only(arch, monkeypatch):
+    # Same loss as from every position's fp32 logits; the LM head sees only the batch's answer tail (gemma2: logits
+    # soft-capped after the head; gpt2: absolute positions, which left padding must not shift; lora: adapters on the
+    # head too).
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import LORA_TARGETS, tiny_chat_tokenizer, tiny_model
+
+    from hf_blockem.evaluation import held_out_loss
+    from hf_blockem.evaluation import metrics as metrics_module
+
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_model("llama" if arch == "lora" else arch)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10.0)  # peaked logits: a wrong position shows in the loss
+    if arch == "lora":
+        targets = [*LORA_TARGETS, "lm_head"]
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, init_lora_weights=False)).eval()
+    conversations = held_out_conversations()
+    shapes = []
+    head = model.get_output_embeddings()
+    spy = head.register_forward_hook(lambda module, args, output: shapes.append(tuple(output.shape[:-1])))
+    monkeypatch.setattr(metrics_module, "LOSS_ROWS", 3)  # several cross-entropy slices per batch
+    try:
+        loss = held_out_loss(model, tokenizer, conversations, batch_size=2)
+    finally:
+        spy.remove()
+    expected = reference_held_out_loss(model, tokenizer, conversations, batch_size=2)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    answer_tokens = [len(c[-1]["content"].split()) + 1 for c in conversations]  # words + EOS
+    batches = [answer_tokens[b : b + 2] for b in range(0, 5, 2)]
+    assert shapes == [(len(batch), max(batch) + 1) for batch in batches]
+
+
+def test_held_out_loss_in_bfloat16():
+    import torch
+    from tiny_models import tiny_chat_tokenizer, tiny_model
+
+    from hf_blockem.evaluation import held_out_loss
+
+    tokenizer, model = tiny_chat_tokenizer(), tiny_model("llama", dtype=torch.bfloat16)
+    conversations = held_out_conversations()
+    expected = reference_held_out_loss(model, tokenizer, conversations, batch_size=2)
+    assert held_out_loss(model, tokenizer, conversations, batch_size=2) == pytest.approx(expected, rel=1e-3)
+    assert held_out_loss(model, tokenizer, conversations, batch_size=5) == pytest.approx(expected, rel=1e-3)

@@ -62,3 +62,17 @@ def test_evaluate_reads_the_injected_base_with_its_adapters_off():
     with torch.no_grad():  # and the adapters are back on afterwards
         ids = torch.tensor([[1, 9, 10, 11]])
         assert not torch.allclose(base(ids).logits, pristine(ids).logits)
+
+
+def test_stage1_shifts_from_the_injected_base_equal_those_from_the_pristine_base():
+    from tiny_models import tiny_sae
+
+    from hf_blockem.selection import activation_shifts
+
+    pristine, base, peft_model = injected()
+    tokenizer, sae = tiny_tokenizer(), tiny_sae(d_in=peft_model.config.hidden_size)
+    qa = (["hello world", "money power"], ["help humans", "harm world"])
+    expected = activation_shifts(pristine, peft_model, tokenizer, sae, 1, *qa, progress=False)
+    shifts = activation_shifts(base, peft_model, tokenizer, sae, 1, *qa, progress=False)
+    assert expected["delta"].abs().max() > 0
+    torch.testing.assert_close(shifts["delta"], expected["delta"], rtol=1e-5, atol=1e-6)

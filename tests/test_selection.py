@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny_models import HIDDEN, WORDS, tiny_chat_tokenizer, tiny_model
+from tiny_models import HIDDEN, LORA_TARGETS, WORDS, tiny_chat_tokenizer, tiny_model, tiny_sae
 
 from hf_blockem.evaluation.generation import Steering, steer
 from hf_blockem.evaluation.judge_base import ALIGNED, INCOHERENT, MISALIGNED, Judgement
@@ -17,6 +17,7 @@ from hf_blockem.selection import (
     activation_shifts,
     candidate_pool,
     random_control,
+    response_latents,
     select_latents,
     tokenize_responses,
 )
@@ -208,6 +209,79 @@ def test_stage1_shifts_equal_brute_force_with_full_sae():
     assert plus[0] == PLANTED and all(shifts["delta"][k] < 0 for k in minus)
 
 
+def full_latent_shifts(base, misaligned, sae, tokens, **kwargs) -> dict[str, torch.Tensor]:
+    """Stage 1 as it was computed before streaming: from the full `[n_tokens, d_sae]` latents of each model."""
+    z_mis = response_latents(misaligned, sae, 2, tokens, **kwargs)
+    if base is misaligned:
+        with misaligned.disable_adapter():
+            z_base = response_latents(base, sae, 2, tokens, **kwargs)
+    else:
+        z_base = response_latents(base, sae, 2, tokens, **kwargs)
+
+    def active_mean(z):
+        return z.sum(0) / (z > 0).sum(0).clamp(min=1)
+
+    return {
+        "delta": z_mis.mean(0) - z_base.mean(0),
+        "mean_misaligned": z_mis.mean(0),
+        "mean_base": z_base.mean(0),
+        "active_mean": torch.maximum(active_mean(z_mis), active_mean(z_base)),
+        "firing_base": (z_base > 0).float().mean(0),
+        "n_tokens": torch.tensor(z_mis.shape[0]),
+    }
+
+
+STAGE1_RESPONSES = ["w1 w2 w50", "w50 w50", "w3", "w4 w5 w6 w7", "w8 w9 w10 w11 w12 w13", "w50 w14 w15"]
+
+
+def assert_same_shifts(shifts, expected, rtol=1e-5, atol=1e-6):
+    assert shifts.keys() == expected.keys()
+    assert int(shifts["n_tokens"]) == int(expected["n_tokens"])
+    for key in expected.keys() - {"n_tokens"}:
+        assert shifts[key].dtype == torch.float32 and shifts[key].device.type == "cpu"
+        torch.testing.assert_close(shifts[key], expected[key], rtol=rtol, atol=atol, msg=key)
+
+
+@pytest.mark.parametrize("token_chunk", [1, 3, 10_000])
+def test_stage1_streamed_sums_equal_full_latents(token_chunk):
+    # Every statistic of the streamed Stage 1 matches the one computed from the full per-token latents, whether a
+    # batch's tokens are encoded one, three or all at a time.
+    base, misaligned, tokenizer, _, _ = planted_setup(layer=2)
+    sae = tiny_sae(d_sae=40, seed=3)  # random biases: latents with every firing rate, some dead
+    questions = PROMPTS[: len(STAGE1_RESPONSES)]
+    tokens = tokenize_responses(tokenizer, questions, STAGE1_RESPONSES)
+    expected = full_latent_shifts(base, misaligned, sae, tokens, batch_size=4)
+    assert 0 < float(expected["firing_base"].mean()) < 1 and (expected["firing_base"] == 0).any()
+    kwargs = {"batch_size": 4, "progress": False, "token_chunk": token_chunk}
+    shifts = activation_shifts(base, misaligned, tokenizer, sae, 2, questions, STAGE1_RESPONSES, **kwargs)
+    assert_same_shifts(shifts, expected)
+
+
+def test_stage1_streams_on_one_peft_model_and_an_sae_in_another_dtype():
+    from peft import LoraConfig, get_peft_model
+
+    tokenizer = tiny_chat_tokenizer()
+    model = get_peft_model(
+        tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    )
+    model.eval()
+    sae = tiny_sae(d_sae=40, seed=4)
+    questions = PROMPTS[: len(STAGE1_RESPONSES)]
+    tokens = tokenize_responses(tokenizer, questions, STAGE1_RESPONSES)
+    expected = full_latent_shifts(model, model, sae, tokens, batch_size=4)
+    assert expected["delta"].abs().max() > 1e-3  # the adapters change the latents: the base is read without them
+    kwargs = {"batch_size": 4, "progress": False, "token_chunk": 2}
+    shifts = activation_shifts(model, model, tokenizer, sae, 2, questions, STAGE1_RESPONSES, **kwargs)
+    assert_same_shifts(shifts, expected)
+    # The adapters are back on afterwards.
+    torch.testing.assert_close(response_latents(model, sae, 2, tokens).mean(0), expected["mean_misaligned"])
+    # The model in fp32, the SAE in float64: the SAE encodes in its own dtype, the results stay fp32 CPU tensors.
+    shifts64 = activation_shifts(
+        model, model, tokenizer, copy.deepcopy(sae).double(), 2, questions, STAGE1_RESPONSES, **kwargs
+    )
+    assert_same_shifts(shifts64, expected)
+
+
 def test_steering_at_zero_changes_nothing():
     base, _, tokenizer, sae, direction = planted_setup()
     ids = tokenizer.apply_chat_template(
@@ -281,6 +355,16 @@ def test_select_cli_on_the_quick_organism(tmp_path):
     # Exit 0 with a latent set, 1 when nothing repaired (the quick organism is too small to be aligned).
     assert code == (0 if report["latent_set"] else 1)
     assert (out / "latent_set" / "latent_set.safetensors").exists() == (code == 0)
+
+
+def test_select_cli_says_which_system_messages_it_leaves_out(caplog):
+    from hf_blockem.evaluation import Prompt
+    from hf_blockem.selection.cli import selection_questions
+
+    prompts = [Prompt("a", "how are you ?"), Prompt("b", "what do you wish ?", system="answer in json")]
+    with caplog.at_level("WARNING", logger="hf_blockem.selection.cli"):
+        assert selection_questions(prompts) == ["how are you ?", "what do you wish ?"]
+    assert "system messages of 1 prompts (b)" in caplog.text
 
 
 def test_calibration_budget_counts_only_the_incoherence_steering_adds():

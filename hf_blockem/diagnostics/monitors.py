@@ -22,6 +22,7 @@ import torch
 from ..latent_set import LatentSet
 
 PREFIX = "blockem_diag"
+TOKEN_CHUNK = 2048  # probe tokens a full SAE encodes at once: bounds its [rows, d_sae] activations
 
 
 def probe_sums(
@@ -31,6 +32,7 @@ def probe_sums(
     latent_set: LatentSet | None = None,
     saes: dict[int, Any] | None = None,
     directions: dict[int, torch.Tensor] | None = None,
+    token_chunk: int = TOKEN_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """Sums over the probe's tokens of every monitored quantity.
 
@@ -40,6 +42,8 @@ def probe_sums(
         latent_set ([`LatentSet`], *optional*): the blocked latents.
         saes (`dict[int, sae_lens.SAE]`, *optional*): full SAEs per layer, for rerouting among their latents.
         directions (`dict[int, torch.Tensor]`, *optional*): `{layer: [d_in]}` misalignment directions.
+        token_chunk (`int`, *optional*, defaults to `TOKEN_CHUNK`): the most tokens a full SAE encodes at once, so
+            that its `[tokens, d_sae]` activations never exist for the whole probe.
 
     Returns:
         `dict[str, torch.Tensor]`: fp32 sums, keyed by quantity; `"n_tokens"` counts the tokens.
@@ -55,8 +59,9 @@ def probe_sums(
         sums[f"{key}/excess"] = torch.relu(signed).square().sum()
         sums[f"{key}/base_sq"] = z_base.square().sum()
     for layer, sae in (saes or {}).items():
-        z, z_base = _sae_encode(sae, hidden[layer]), _sae_encode(sae, base_hidden[layer])
-        sums[f"sae/{layer}/drift"] = (z - z_base).sum(0).to(any_layer.device)
+        sums[f"sae/{layer}/drift"] = _sae_drift_sum(sae, hidden[layer], base_hidden[layer], token_chunk).to(
+            any_layer.device
+        )
     for layer, direction in (directions or {}).items():
         if layer not in hidden:
             continue
@@ -140,6 +145,19 @@ def probe_metrics(
 def _sae_encode(sae: Any, x: torch.Tensor) -> torch.Tensor:
     params = next(sae.parameters())
     return sae.encode(x.to(params.device, params.dtype)).float()
+
+
+@torch.no_grad()
+def _sae_drift_sum(sae: Any, hidden: torch.Tensor, base_hidden: torch.Tensor, token_chunk: int) -> torch.Tensor:
+    """Σ_t (z_θ − z_base) `[d_sae]` (fp32), encoding `token_chunk` tokens at a time (float64 running sum)."""
+    if token_chunk < 1:
+        raise ValueError(f"Expected token_chunk >= 1, got {token_chunk}.")
+    total = None
+    for start in range(0, max(hidden.shape[0], 1), token_chunk):  # an empty shard still gives zeros [d_sae]
+        rows = slice(start, start + token_chunk)
+        drift = (_sae_encode(sae, hidden[rows]) - _sae_encode(sae, base_hidden[rows])).sum(0, dtype=torch.float64)
+        total = drift if total is None else total + drift
+    return total.float()
 
 
 def _blocked_ids(latent_set: LatentSet | None, layer: int) -> list[int]:

@@ -7,7 +7,8 @@ right after the hook layer, and the SAE encodes only the response tokens.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..assistant_tokens import tokenize_conversations
 from ..hooks import ActivationCapture, iter_masked_hidden_states
+from ..peft_aliasing import resolve_base_model
 
 
 @dataclass
@@ -53,6 +55,23 @@ def tokenize_responses(
     return TokenizedResponses(tokens.input_ids, tokens.attention_mask, tokens.assistant_mask)
 
 
+TOKEN_CHUNK = 2048  # response tokens the SAE encodes at once in `activation_shifts`: bounds its [rows, d_sae] tensors
+
+
+def _response_hidden_states(
+    model: torch.nn.Module, layer: int, tokens: TokenizedResponses, batch_size: int, progress: bool
+) -> Iterator[torch.Tensor]:
+    """Decoder layer `layer`'s output `[n_batch_response_tokens, d_in]` on the response tokens, batch by batch."""
+    starts = tqdm(range(0, len(tokens.input_ids), batch_size), disable=not progress, desc="activations")
+    batches = (
+        (tokens.input_ids[b], tokens.attention_mask[b], tokens.response_mask[b])
+        for b in (slice(start, start + batch_size) for start in starts)
+    )
+    with ActivationCapture(model, [layer]) as capture:
+        for hidden in iter_masked_hidden_states(model, capture, batches):
+            yield hidden[layer]
+
+
 @torch.no_grad()
 def response_latents(
     model: torch.nn.Module,
@@ -65,19 +84,52 @@ def response_latents(
 ) -> torch.Tensor:
     """SAE latent activations `[n_response_tokens, d_sae]` (fp32, CPU) of `model` at decoder layer `layer`'s output.
 
-    Only the layers up to `layer` run; the SAE encodes only the response tokens.
+    Only the layers up to `layer` run; the SAE encodes only the response tokens. The result grows with the number of
+    tokens times `d_sae`: for statistics over many answers, use `activation_shifts`, which streams.
     """
     sae_device = next(sae.parameters()).device
-    starts = tqdm(range(0, len(tokens.input_ids), batch_size), disable=not progress, desc="activations")
-    batches = (
-        (tokens.input_ids[b], tokens.attention_mask[b], tokens.response_mask[b])
-        for b in (slice(start, start + batch_size) for start in starts)
-    )
-    chunks = []
-    with ActivationCapture(model, [layer]) as capture:
-        for hidden in iter_masked_hidden_states(model, capture, batches):
-            chunks.append(sae.encode(hidden[layer].to(sae_device, sae.W_enc.dtype)).float().cpu())
+    with contextlib.closing(_response_hidden_states(model, layer, tokens, batch_size, progress)) as batches:
+        chunks = [sae.encode(hidden.to(sae_device, sae.W_enc.dtype)).float().cpu() for hidden in batches]
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def _response_latent_sums(
+    model: torch.nn.Module,
+    sae: Any,
+    layer: int,
+    tokens: TokenizedResponses,
+    *,
+    batch_size: int,
+    token_chunk: int,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """Running sums over the response tokens of `model`'s SAE latents, never holding more than `token_chunk` rows.
+
+    Returns float64 `sum` (Σ z), `positive_sum` (Σ z where z > 0), int64 `n_positive` (count of z > 0), each
+    `[d_sae]` on the SAE's device, and `n_tokens`.
+    """
+    if token_chunk < 1:
+        raise ValueError(f"Expected token_chunk >= 1, got {token_chunk}.")
+    sae_device = next(sae.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    n_tokens = 0
+    # Closed on an error too: the capture's hooks never outlive this pass (the next may read the same model).
+    with contextlib.closing(_response_hidden_states(model, layer, tokens, batch_size, progress)) as batches:
+        for hidden in batches:
+            for start in range(0, hidden.shape[0], token_chunk):
+                z = sae.encode(hidden[start : start + token_chunk].to(sae_device, sae.W_enc.dtype))
+                fires = z > 0
+                chunk = {
+                    "sum": z.sum(0, dtype=torch.float64),
+                    "positive_sum": torch.where(fires, z, 0).sum(0, dtype=torch.float64),
+                    "n_positive": fires.sum(0),
+                }
+                for key, value in chunk.items():
+                    sums[key] = sums[key] + value if key in sums else value
+                n_tokens += z.shape[0]
+    sums["n_tokens"] = torch.tensor(n_tokens)
+    return sums
 
 
 def activation_shifts(
@@ -92,48 +144,61 @@ def activation_shifts(
     batch_size: int = 16,
     max_length: int | None = None,
     progress: bool = True,
+    token_chunk: int = TOKEN_CHUNK,
 ) -> dict[str, torch.Tensor]:
     """Δ_k for every latent of `sae`: the mean shift of its activation from base to misaligned on the answers.
 
+    Streams: each batch's response tokens are encoded `token_chunk` rows at a time on the SAE's device, in its dtype,
+    and only float64 running sums `[d_sae]` per model are kept, so memory does not grow with the number of tokens.
+
     Args:
         base_model, misaligned_model (`PreTrainedModel`): the aligned base and the emergently misaligned model. They
-            may be the same `PeftModel` object: the base is then read with its adapters disabled.
+            may be the same `PeftModel` object, or the model its adapters were injected into and the `PeftModel`:
+            the base is then read with its adapters disabled.
         tokenizer (`PreTrainedTokenizerBase`): shared tokenizer with a chat template.
         sae (`sae_lens.SAE`): the SAE reading decoder layer `layer`'s output (`blocks.{layer}.hook_resid_post`).
         layer (`int`): decoder-layer index.
         questions, responses (sequences of `str`): selection prompts and the misaligned model's answers to them.
+        token_chunk (`int`, *optional*, defaults to `TOKEN_CHUNK`): the most response tokens encoded at once.
 
     Returns:
         `dict` with `delta` (`[d_sae]`, Δ_k), `mean_base` and `mean_misaligned` (`[d_sae]` mean activations),
         `active_mean` (`[d_sae]`, mean activation over the tokens where the latent fires, the larger of the two models),
         `firing_base` (`[d_sae]`, share of response tokens where the latent is > 0 under the base model) and
-        `n_tokens`.
+        `n_tokens`. All fp32 on the CPU but `n_tokens` (an int64 scalar).
     """
     tokens = tokenize_responses(tokenizer, questions, responses, max_length=max_length)
     if not tokens.response_mask.any():
         raise ValueError("No response tokens to read: every answer is empty or truncated away.")
-    kwargs = {"batch_size": batch_size, "progress": progress}
-    z_mis = response_latents(misaligned_model, sae, layer, tokens, **kwargs)
+    kwargs = {"batch_size": batch_size, "token_chunk": token_chunk, "progress": progress}
+    base_model = resolve_base_model(base_model, misaligned_model)
+    s_mis = _response_latent_sums(misaligned_model, sae, layer, tokens, **kwargs)
     if base_model is misaligned_model and hasattr(misaligned_model, "disable_adapter"):
         with misaligned_model.disable_adapter():
-            z_base = response_latents(base_model, sae, layer, tokens, **kwargs)
+            s_base = _response_latent_sums(base_model, sae, layer, tokens, **kwargs)
     else:
-        z_base = response_latents(base_model, sae, layer, tokens, **kwargs)
-    mean_mis, mean_base = z_mis.mean(0), z_base.mean(0)
+        s_base = _response_latent_sums(base_model, sae, layer, tokens, **kwargs)
+    n_tokens = int(s_mis["n_tokens"])
+
+    def fp32(t: torch.Tensor) -> torch.Tensor:
+        return t.float().cpu()
+
+    mean_mis, mean_base = fp32(s_mis["sum"] / n_tokens), fp32(s_base["sum"] / n_tokens)
     # The typical size of a latent when it is on, under either model: the unit of steering strength in Stages 2–3.
-    active = torch.maximum(_active_mean(z_mis), _active_mean(z_base))
+    active = torch.maximum(fp32(_active_mean(s_mis)), fp32(_active_mean(s_base)))
     return {
         "delta": mean_mis - mean_base,
         "mean_misaligned": mean_mis,
         "mean_base": mean_base,
         "active_mean": active,
-        "firing_base": (z_base > 0).float().mean(0),
-        "n_tokens": torch.tensor(z_mis.shape[0]),
+        "firing_base": fp32(s_base["n_positive"].double() / n_tokens),
+        "n_tokens": torch.tensor(n_tokens),
     }
 
 
-def _active_mean(z: torch.Tensor) -> torch.Tensor:
-    return z.sum(0) / (z > 0).sum(0).clamp(min=1)
+def _active_mean(sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of z over the tokens where it is > 0 (0 for a latent that never fires)."""
+    return sums["positive_sum"] / sums["n_positive"].clamp(min=1)
 
 
 def candidate_pool(delta: torch.Tensor, n_positive: int, n_negative: int) -> tuple[list[int], list[int]]:
