@@ -31,6 +31,7 @@ _EXPORTS = {
     "load_truncated_reference": "hf_blockem.base_activations",
     "generate_blocked_model_card": "hf_blockem.model_card",
     "push_output_dir": "hf_blockem.push",
+    "with_template_variables": "hf_blockem.chat_template_variables",
 }
 
 __all__ = [
@@ -54,11 +55,13 @@ __all__ = [
     "load_truncated_reference",
     "generate_blocked_model_card",
     "push_output_dir",
+    "with_template_variables",
 ]
 
 if TYPE_CHECKING:
     from .base_activations import BaseActivationCache, load_truncated_reference
     from .blocked_layer import BlockedLayer
+    from .chat_template_variables import with_template_variables
     from .config import BlockEMArguments, BlockEMConfig, BlockEMSFTConfig
     from .diagnostics import BlockEMCallback, ProbeBatch, misalignment_directions, probe_batch
     from .hooks import ActivationCapture, get_decoder_layers

@@ -182,12 +182,14 @@ def test_cli_with_yaml_config_adapter_and_local_judge(tmp_path, capsys):
         "name": "tuned",
     }
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(config))
-    assert main(["--config", str(tmp_path / "eval.yaml"), "--n_samples", "2", "--prompts", "builtin:selection"]) == 0
+    argv = ["--config", str(tmp_path / "eval.yaml"), "--n_samples", "2", "--prompts", "builtin:selection"]
+    assert main([*argv, "--chat_template_kwargs", '{"enable_thinking": false}']) == 0
     data = json.loads((tmp_path / "out" / "result.json").read_text())
     em = data["summary"]["tuned"]["em_rate"]
     assert em["n"] == 24 * 2 and em["ci"][0] <= em["value"] <= em["ci"][1]  # the flag overrode the file's n_samples
     assert data["summary"]["tuned"]["held_out_loss"] > 0
     assert data["config"]["adapter"] == str(tmp_path / "adapter")
+    assert data["config"]["chat_template_kwargs"] == {"enable_thinking": False}
     assert (tmp_path / "out" / "judgements.sqlite").exists() and (tmp_path / "out" / "quadrant.png").exists()
     assert "| tuned |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="openai:MODEL"):

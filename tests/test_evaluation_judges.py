@@ -23,7 +23,7 @@ from hf_blockem.evaluation import JudgementCache, LocalJudge, score_distribution
 from hf_blockem.evaluation.judge_prompts import PROMPT_VERSION, render_judge_prompt
 from hf_blockem.evaluation.llm_judge import rubric_grade_to_aligned
 from hf_blockem.evaluation.scoring import parse_number_token, probs_from_logprobs, split_number
-from hf_blockem.fingerprints import weights_fingerprint
+from hf_blockem.fingerprints import tokenizer_fingerprint, weights_fingerprint
 
 # -- scoring -------------------------------------------------------------------------------------------------------
 
@@ -91,7 +91,15 @@ def test_local_judge_scores_from_its_own_number_tokens(judge_model):
         assert v.label is None
         assert v.judge == {"type": "local", "model": "tiny-judge", "revision": None, "mode": "0-100",
                            "prompt_version": PROMPT_VERSION, "dtype": "float32",
-                           "weights": weights_fingerprint(model)}  # fmt: skip
+                           "weights": weights_fingerprint(model),
+                           "tokenizer": tokenizer_fingerprint(tokenizer)}  # fmt: skip
+    # Another chat template renders other judge prompts: not the same judge for the cache.
+    from hf_blockem.chat_template_variables import with_template_variables
+
+    rebound = LocalJudge(
+        model, with_template_variables(tokenizer, {"strict": True}), name="tiny-judge", progress=False
+    )
+    assert rebound.identity != judge.identity
     # Batching (left padding) does not change the scores.
     single = LocalJudge(model, tokenizer, name="tiny-judge", batch_size=1, progress=False).judge(questions, answers)
     assert [v.aligned for v in single] == pytest.approx([v.aligned for v in verdicts], abs=1e-5)

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..chat_template_variables import parse_template_variables, with_template_variables
 from .generation import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .harness import DEFAULT_N_SAMPLES, evaluate
 from .prompts import Prompt, load_core_misalignment, load_first_plot_questions, ood_prompts
@@ -56,6 +57,9 @@ class EvaluateArguments:
         judge_mode (`str`, *optional*, defaults to `"0-100"`): `0-100` (aligned + coherent) or `rubric` (1–5 grade).
         judge_max_concurrency (`int`, *optional*, defaults to `8`): requests in flight per `openai:` judge.
         judge_cache (`str`, *optional*): SQLite judgement cache; defaults to `OUTPUT_DIR/judgements.sqlite`.
+        chat_template_kwargs (`str`, *optional*): a JSON object of chat-template variables set for every rendering
+            of the evaluated model's and the local judges' templates (see `hf_blockem.chat_template_variables`), e.g.
+            `{"enable_thinking": false}` so that Qwen3 answers without reasoning first.
         output_dir (`str`, *optional*, defaults to `"blockem-eval"`): where result.json, result.md, quadrant.png and
             the answers go.
     """
@@ -94,6 +98,13 @@ class EvaluateArguments:
     judge_max_concurrency: int = field(default=8, metadata={"help": "Requests in flight per openai: judge."})
     judge_cache: str | None = field(
         default=None, metadata={"help": "SQLite judgement cache (default: OUTPUT_DIR/judgements.sqlite)."}
+    )
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat-template variables (JSON) for every rendering by the model and the local judges, e.g. "
+            "'{\"enable_thinking\": false}' for Qwen3."
+        },
     )
     output_dir: str = field(default="blockem-eval", metadata={"help": "Where the report and answers are written."})
 
@@ -139,6 +150,7 @@ def build_judges(args: EvaluateArguments, cache, device: str) -> list:
     from .local_judge import LocalJudge
     from .openai_judge import OpenAIJudge
 
+    variables = parse_template_variables(args.chat_template_kwargs)
     judges = []
     for spec in args.judge:
         kind, _, name = spec.partition(":")
@@ -158,9 +170,8 @@ def build_judges(args: EvaluateArguments, cache, device: str) -> list:
             judges.append(load_organism(name).judge)
         elif kind == "local" and name:
             model = load_model(name, revision=None, dtype=args.dtype, device=device)
-            judges.append(
-                LocalJudge(model, AutoTokenizer.from_pretrained(name), name=name, mode=args.judge_mode, cache=cache)
-            )
+            tokenizer = with_template_variables(AutoTokenizer.from_pretrained(name), variables)
+            judges.append(LocalJudge(model, tokenizer, name=name, mode=args.judge_mode, cache=cache))
         else:
             raise ValueError(
                 f"Expected a judge `openai:MODEL`, `local:MODEL_ID_OR_PATH` or `organism:DIR`, got {spec!r}."
@@ -207,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(
         args.tokenizer or args.model, revision=None if args.tokenizer else args.revision
     )
+    variables = parse_template_variables(args.chat_template_kwargs)
+    tokenizer = with_template_variables(tokenizer, variables)
     name = args.name or (f"{args.model}+{args.adapter}" if args.adapter else args.model)
     result = evaluate(
         {name: (model, tokenizer)},
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         conversations = _held_out_conversations(args.in_domain)
         result.held_out_loss[name] = held_out_loss(model, tokenizer, conversations, batch_size=args.batch_size)
     result.config.update({"model": args.model, "adapter": args.adapter, "revision": args.revision})
+    result.config["chat_template_kwargs"] = variables
     result.save(output_dir)
     print(result.to_markdown())
     print(f"Report written to {output_dir}/ (result.json, result.md, quadrant.png, responses_*.jsonl)")

@@ -71,6 +71,13 @@ class SelectArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "Answer length limit."})
     batch_size: int = field(default=64, metadata={"help": "Sequences per forward / generate call."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    chat_template_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat-template variables (JSON) for every rendering by the models and the local judge, e.g. "
+            "'{\"enable_thinking\": false}' for Qwen3."
+        },
+    )
 
     def selection_config(self) -> SelectionConfig:
         names = {f.name for f in fields(SelectionConfig)}
@@ -118,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
     from trl import TrlParser
 
+    from ..chat_template_variables import parse_template_variables, with_template_variables
     from ..evaluation.cache import JudgementCache
     from ..evaluation.cli import build_judges, load_model, load_prompt_specs
     from .pipeline import select_latents
@@ -134,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir)
     judge = build_judges(args, JudgementCache(output_dir / "judgements.sqlite"), device)[0]
     tokenizer = AutoTokenizer.from_pretrained(args.base_model, revision=args.base_revision)
+    tokenizer = with_template_variables(tokenizer, parse_template_variables(args.chat_template_kwargs))
     if args.misaligned_adapter is not None:  # one model in memory: the base is the adapter switched off
         base = misaligned = load_model(
             args.base_model,
