@@ -80,3 +80,11 @@ def tokenizer_fingerprint(tokenizer) -> str | None:
         sort_keys=True,
     )
     return "sha256:" + hashlib.sha256((definition + extra).encode()).hexdigest()
+
+
+def template_fingerprint(tokenizer) -> str | None:
+    """sha256 of a tokeniser's chat template (`None` without one): what decides how it renders a conversation."""
+    template = getattr(getattr(tokenizer, "tokenizer", tokenizer), "chat_template", None)
+    if template is None:
+        return None
+    return "sha256:" + hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()

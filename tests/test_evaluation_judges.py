@@ -23,7 +23,7 @@ from hf_blockem.evaluation import JudgementCache, LocalJudge, score_distribution
 from hf_blockem.evaluation.judge_prompts import PROMPT_VERSION, render_judge_prompt
 from hf_blockem.evaluation.llm_judge import rubric_grade_to_aligned
 from hf_blockem.evaluation.scoring import parse_number_token, probs_from_logprobs, split_number
-from hf_blockem.fingerprints import tokenizer_fingerprint, weights_fingerprint
+from hf_blockem.fingerprints import template_fingerprint, weights_fingerprint
 
 # -- scoring -------------------------------------------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ def test_local_judge_scores_from_its_own_number_tokens(judge_model):
         assert v.judge == {"type": "local", "model": "tiny-judge", "revision": None, "mode": "0-100",
                            "prompt_version": PROMPT_VERSION, "dtype": "float32",
                            "weights": weights_fingerprint(model),
-                           "tokenizer": tokenizer_fingerprint(tokenizer)}  # fmt: skip
+                           "chat_template": template_fingerprint(tokenizer)}  # fmt: skip
     # Another chat template renders other judge prompts: not the same judge for the cache.
     from hf_blockem.chat_template_variables import with_template_variables
 
@@ -225,6 +225,9 @@ SCRIPT = {
     # Digit-by-digit tokenizers (Qwen2.5, Gemma, Mistral, ...): "95" is "9", "5"; a two-digit chunker writes "10", "0".
     "split 95": ({"9": 0.9, "8": 0.1}, {"9": 1.0}),
     "split 100": ({"10": 1.0}, {"10": 1.0}),
+    # Replies that open with a blank token (SentencePiece "▁"), then the number.
+    "blank then 95": ({"\u2581": 1.0}, {"\u2581": 1.0}),
+    "blank then split": ({"\u2581": 1.0}, {"\u2581": 1.0}),
 }
 WRITTEN = {
     ("no thanks", "aligned"): ["US", "AL"],
@@ -234,6 +237,10 @@ WRITTEN = {
     ("split 95", "coherent"): ["0"],
     ("split 100", "aligned"): ["0"],
     ("split 100", "coherent"): ["0"],
+    ("blank then 95", "aligned"): ["95"],
+    ("blank then 95", "coherent"): ["90"],
+    ("blank then split", "aligned"): ["9", "5"],
+    ("blank then split", "coherent"): ["9", "0"],
 }
 
 
@@ -351,7 +358,8 @@ def test_openai_judge_scores_protocol_and_identity(server):
     assert body["temperature"] == 0 and body["model"] == "judge-model"
     identity = verdicts[0].judge
     assert identity == {"type": "openai-compatible", "model": "judge-model", "base_url": server.url,
-                        "mode": "0-100", "prompt_version": PROMPT_VERSION}  # fmt: skip
+                        "mode": "0-100", "prompt_version": PROMPT_VERSION,
+                        "score_from": "first non-blank token, split numbers refused"}  # fmt: skip
     assert "sk-test" not in json.dumps(identity)
 
 
@@ -401,11 +409,14 @@ def test_openai_judge_reads_one_token_numbers_and_refusals(server):
     assert verdicts[0].aligned == pytest.approx(94.5) and verdicts[0].coherent == 100.0
     assert verdicts[1].aligned is None and verdicts[1].label == "refusal" and verdicts[1].coherent == 100.0
     assert verdicts[2].aligned == 7.0 and verdicts[2].coherent == 5.0  # "7 out of": a one-digit score, not a split
+    blank = _judge(server).judge(["q"], ["blank then 95"])[0]  # read where the text starts, not at the blank
+    assert (blank.aligned, blank.coherent) == (95.0, 90.0)
     assert all("errors" not in v.extra for v in verdicts)
 
 
 @pytest.mark.parametrize(
-    ("answer", "number", "pieces"), [("split 95", "95", "'9', '5'"), ("split 100", "100", "'10', '0'")]
+    ("answer", "number", "pieces"),
+    [("split 95", "95", "'9', '5'"), ("split 100", "100", "'10', '0'"), ("blank then split", "95", "'▁', '9', '5'")],
 )
 def test_openai_judge_refuses_a_number_written_over_several_tokens(server, tmp_path, answer, number, pieces):
     from hf_blockem.evaluation.openai_judge import SplitNumberError

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..fingerprints import tokenizer_fingerprint, weights_fingerprint
+from ..fingerprints import template_fingerprint, weights_fingerprint
 from ..padding import padding
 from .cache import JudgementCache
 from .llm_judge import LogprobJudge
@@ -94,7 +94,7 @@ class LocalJudge(LogprobJudge):
         # The cache is keyed on the judge's identity: a retrained judge at the same path, or the same one in another
         # dtype, must not be served the old judgements.
         self._weights = weights_fingerprint(model)
-        self._tokenizer = tokenizer_fingerprint(tokenizer)  # its chat template renders every judge prompt
+        self._template = template_fingerprint(tokenizer)  # it renders every judge prompt
         self._dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     def _check_number_tokens(self) -> None:
@@ -146,7 +146,7 @@ class LocalJudge(LogprobJudge):
             "revision": self._commit,
             "dtype": self._dtype,
             "weights": self._weights,
-            "tokenizer": self._tokenizer,
+            "chat_template": self._template,
         }
 
     def _next_token_probs(self, texts: list[str]) -> torch.Tensor:

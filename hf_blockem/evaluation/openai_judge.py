@@ -26,6 +26,7 @@ from .llm_judge import LogprobJudge
 from .scoring import ONE_TOKEN_NUMBERS_ADVICE, parse_number_token, probs_from_logprobs, split_number
 
 TOP_LOGPROBS = 20
+_BLANK = " \t\n\u2581\u0120\u010a"  # whitespace, and SentencePiece / byte-level spellings of a space or newline
 # The score reads the first token; the next ones tell a number written over several tokens ("9", "5") from "95".
 MAX_TOKENS = 3
 
@@ -108,7 +109,14 @@ class OpenAIJudge(LogprobJudge):
         )
 
     def _identity_fields(self) -> dict[str, Any]:
-        return {"type": "openai-compatible", "model": self.model, "base_url": self.base_url}
+        # `score_from` changes when the way a score is read changes, so that no cached score read the old way is
+        # served (one-token reads cached before split numbers were refused could hold 9 for 95).
+        return {
+            "type": "openai-compatible",
+            "model": self.model,
+            "base_url": self.base_url,
+            "score_from": "first non-blank token, split numbers refused",
+        }
 
     def _request(self, prompt: str) -> dict[str, float]:
         reply = self._client.chat.completions.create(
@@ -123,7 +131,8 @@ class OpenAIJudge(LogprobJudge):
         try:
             choice = reply.choices[0]
             tokens = choice.logprobs.content
-            first = tokens[0]
+            # A reply may open with blank tokens (" 95" as "▁", "9", "5"): the score is read where its text starts.
+            first = next((t for t in tokens if t.token.strip(_BLANK)), tokens[0])
             pairs = [(t.token, t.logprob) for t in first.top_logprobs] or [(first.token, first.logprob)]
             text = choice.message.content
             if text is None:
