@@ -50,6 +50,12 @@ def assistant_spans(tokenizer: Any, conversation: Sequence[dict[str, str]]) -> t
     for i, message in enumerate(conversation):
         if message["role"] != "assistant":
             continue
+        if i == 0:
+            raise ValueError(
+                "Expected each assistant turn to follow a message, got a conversation that opens with one: without "
+                "{% generation %} markers its turn is found after the rendering of the messages before it. Start the "
+                "conversation with its user (or system) message."
+            )
         before, through = (
             _render(tokenizer, conversation[:i], generation_prompt=True),
             _render(tokenizer, conversation[: i + 1]),
@@ -67,31 +73,22 @@ def assistant_spans(tokenizer: Any, conversation: Sequence[dict[str, str]]) -> t
     return text, spans
 
 
-def _with_markers(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_length: int | None):
+def _with_markers(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]):
     encoded = tokenizer.apply_chat_template(
-        [list(c) for c in conversations],
-        tokenize=True,
-        return_dict=True,
-        return_assistant_tokens_mask=True,
-        truncation=max_length is not None,
-        max_length=max_length,
+        [list(c) for c in conversations], tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     return list(encoded["input_ids"]), [list(map(bool, m)) for m in encoded["assistant_masks"]]
 
 
-def _by_rendering(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]], max_length: int | None):
+def _by_rendering(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]):
     rows, masks = [], []
     for conversation in conversations:
         text, spans = assistant_spans(tokenizer, conversation)
-        encoded = tokenizer(
-            text,
-            add_special_tokens=False,  # the template writes its own special tokens, as `apply_chat_template` assumes
-            return_offsets_mapping=True,
-            truncation=max_length is not None,
-            max_length=max_length,
-        )
+        # No special tokens added: the template writes its own, as `apply_chat_template` assumes.
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         rows.append(list(encoded["input_ids"]))
-        masks.append([any(s <= start < e for s, e in spans) for start, _ in encoded["offset_mapping"]])
+        # A token counts when it overlaps a turn, as with transformers' {% generation %} masks.
+        masks.append([any(start < e and end > s for s, e in spans) for start, end in encoded["offset_mapping"]])
     return rows, masks
 
 
@@ -106,7 +103,7 @@ def tokenize_conversations(
     Args:
         tokenizer (`PreTrainedTokenizerFast`): a tokenizer with a chat template (a fast one, for the token offsets).
         conversations: lists of `{"role", "content"}` messages (TRL's `messages` format).
-        max_length (`int`, *optional*): truncate longer renderings from the right.
+        max_length (`int`, *optional*): keep the first `max_length` tokens of longer renderings.
 
     Raises:
         `ValueError`: no chat template; a template without markers that is not prefix-preserving; a slow tokenizer.
@@ -118,14 +115,22 @@ def tokenize_conversations(
             "model's tokenizer or set `tokenizer.chat_template`."
         )
     if has_generation_markers(template):
-        rows, masks = _with_markers(tokenizer, conversations, max_length)
+        rows, masks = _with_markers(tokenizer, conversations)
     elif not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"Expected a fast tokenizer (token offsets locate assistant turns in a template without {{% generation %}} "
             f"markers), got {type(tokenizer).__name__}. Load it with `AutoTokenizer.from_pretrained(..., use_fast=True)`."
         )
     else:
-        rows, masks = _by_rendering(tokenizer, conversations, max_length)
+        rows, masks = _by_rendering(tokenizer, conversations)
+    return right_padded(tokenizer, rows, masks, max_length)
+
+
+def right_padded(
+    tokenizer: Any, rows: Sequence[Sequence[int]], masks: Sequence[Sequence[bool]], max_length: int | None = None
+) -> TokenizedConversations:
+    """Token rows and their masks cut to `max_length` (their end is dropped) and right-padded into tensors."""
+    rows, masks = [list(r)[:max_length] for r in rows], [list(m)[:max_length] for m in masks]
     length = max((len(r) for r in rows), default=0)
     with padding(tokenizer) as pad_id:
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

@@ -21,7 +21,12 @@ def _jinja_literal(name: str, value: Any) -> str:
             f"Expected chat-template variables with a boolean, number, string or null value, got {name}={value!r} "
             f"({type(value).__name__})."
         )
-    return "none" if value is None else json.dumps(value)  # JSON true / false / numbers / strings are Jinja too
+    if value is None:
+        return "none"
+    try:  # JSON true / false / numbers / strings are Jinja literals too
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError as err:
+        raise ValueError(f"Expected a finite number for chat-template variable {name}, got {value!r}.") from err
 
 
 def with_template_variables(tokenizer: Any, variables: Mapping[str, Any] | None) -> Any:

@@ -7,6 +7,7 @@ does the training. The result is an inference `StandardSAE` with its hook name s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -14,10 +15,9 @@ from typing import Any
 
 import torch
 
-from .assistant_tokens import tokenize_conversations
+from .assistant_tokens import right_padded, tokenize_conversations
 from .blocked_layer import hook_name_for_layer
 from .hooks import ActivationCapture, iter_masked_hidden_states
-from .padding import padding
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +46,9 @@ def iter_activations(
                 tokens = tokenize_conversations(tokenizer, chunk, max_length=max_length)
                 input_ids, attention_mask, keep = tokens.input_ids, tokens.attention_mask, tokens.assistant_mask
             else:
-                with padding(tokenizer):
-                    batch = tokenizer.apply_chat_template(
-                        chunk,
-                        tokenize=True,
-                        return_dict=True,
-                        return_tensors="pt",
-                        padding=True,
-                        truncation=True,
-                        max_length=max_length,
-                    )
-                input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
-                keep = attention_mask.bool()
+                rows = tokenizer.apply_chat_template(chunk, tokenize=True, return_dict=True)["input_ids"]
+                tokens = right_padded(tokenizer, rows, [[True] * len(r) for r in rows], max_length)  # every token
+                input_ids, attention_mask, keep = tokens.input_ids, tokens.attention_mask, tokens.assistant_mask
             # The first token of each sequence is an attention sink with outsized activations: never collected.
             yield input_ids, attention_mask, keep & (attention_mask.cumsum(-1) > 1)
 
@@ -88,15 +79,15 @@ def collect_activations(
     Args:
         conversations: chat conversations (lists of `{"role", "content"}`), rendered with the tokenizer's template.
         batch_size (`int`, *optional*, defaults to `64`): conversations per forward pass.
-        max_length (`int`, *optional*, defaults to `128`): longer renderings are truncated from the right.
+        max_length (`int`, *optional*, defaults to `128`): keep the first `max_length` tokens of longer renderings.
         assistant_only (`bool`, *optional*, defaults to `False`): keep only assistant tokens (found by the template's
             `{% generation %}` markers, or by rendering when it has none: `hf_blockem.assistant_tokens`); otherwise
             every non-padding token but the first of each sequence (attention sink).
     """
     kwargs = {"batch_size": batch_size, "max_length": max_length, "assistant_only": assistant_only}
-    return torch.cat(
-        [chunk.float().cpu() for chunk in iter_activations(model, tokenizer, conversations, layer, **kwargs)]
-    )
+    # Closed on an error too, so the capture's hooks and eval mode never outlive the pass.
+    with contextlib.closing(iter_activations(model, tokenizer, conversations, layer, **kwargs)) as chunks:
+        return torch.cat([chunk.float().cpu() for chunk in chunks])
 
 
 def _batches(activations: torch.Tensor, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -114,3 +114,76 @@ def test_collect_activations_and_firing_rates_work_without_generation_markers():
     rates64 = firing_rates(model, tokenizer, sae.to(torch.float64), 1, conversations)
     assert rates64.dtype == torch.float32
     torch.testing.assert_close(rates64, expected, rtol=0, atol=1e-7)
+
+
+def test_truncation_keeps_the_start_whatever_the_tokenizers_truncation_side():
+    tokenizer = tiny_chat_tokenizer()
+    conversations = multi_turn()
+    full = tokenize_conversations(tokenizer, conversations)
+    for tok in (tokenizer, unmarked(tokenizer)):
+        tok.truncation_side = "left"
+        short = tokenize_conversations(tok, conversations, max_length=7)
+        assert torch.equal(short.input_ids, full.input_ids[:, :7])  # <bos> and the question, not the end
+        assert torch.equal(short.assistant_mask, full.assistant_mask[:, :7])
+
+
+def test_a_conversation_opening_with_an_assistant_turn_gets_a_clear_error():
+    opening = [{"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Hi."}]
+    with pytest.raises(ValueError, match="opens with one.*Start the conversation with its user"):
+        tokenize_conversations(bpe_chat_tokenizer(), [opening])
+
+
+def test_firing_rates_leave_no_hook_behind_when_the_sae_fails():
+    tokenizer, model = tiny_chat_tokenizer(), tiny_model("llama")
+    model.train()
+
+    class BrokenSAE(torch.nn.Module):
+        W_enc = torch.zeros(8, 4)
+
+        def encode(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        firing_rates(model, tokenizer, BrokenSAE(), 1, multi_turn())
+    assert model.training
+    assert not any(layer._forward_hooks for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("template", ["tiny", "chatml", "qwen2_5_training", "deepseek_r1_distill"])
+def test_stage1_reads_the_answer_as_the_model_wrote_it_after_the_generation_prompt(template):
+    # Not re-rendered as a turn: DeepSeek-R1's template strips reasoning from assistant turns and its generation
+    # prompt opens a <think> block no rendered turn has; TRL's Qwen2.5 training template marks the turn's header too.
+    from pathlib import Path
+
+    import trl
+
+    from hf_blockem.selection import tokenize_responses
+
+    if template == "tiny":
+        tokenizer = tiny_chat_tokenizer()
+        questions, answers = ["w1 w2", "w3"], ["w30 w31 w32", "w33"]
+    else:
+        tokenizer = bpe_chat_tokenizer()
+        if template != "chatml":
+            path = Path(trl.__file__).parent / "chat_templates" / f"{template}.jinja"
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        questions, answers = ["What should I do?", "Hello there"], ["Keep an emergency fund first.", "Hi!"]
+    tokens = tokenize_responses(tokenizer, questions, answers)
+    for row, (question, answer) in enumerate(zip(questions, answers, strict=True)):
+        if template != "tiny":  # (word-level decoding joins tokens with spaces)
+            ids = tokens.input_ids[row][tokens.attention_mask[row].bool()].tolist()
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+            )
+            assert tokenizer.decode(ids) == prompt + answer + tokenizer.eos_token
+        masked = tokens.input_ids[row][tokens.response_mask[row]].tolist()
+        assert masked == tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if template == "tiny":  # where a turn renders as it was written, the same tokens as the full conversation's
+        conversations = [
+            [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            for q, a in zip(questions, answers, strict=True)
+        ]
+        rendered = tokenize_conversations(tokenizer, conversations)
+        assert torch.equal(tokens.input_ids, rendered.input_ids) and torch.equal(
+            tokens.response_mask, rendered.assistant_mask
+        )

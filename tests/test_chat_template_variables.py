@@ -78,3 +78,12 @@ def test_bad_variables_and_arguments_are_refused_with_what_was_expected():
     for bad in ("enable_thinking=false", "[1]"):
         with pytest.raises(ValueError, match="JSON object"):
             parse_template_variables(bad)
+
+
+def test_string_values_round_trip_and_non_finite_numbers_are_refused():
+    tokenizer = qwen3_tokenizer()
+    tokenizer.chat_template = "[{{ tag }}|{{ ratio }}]"
+    bound = with_template_variables(tokenizer, {"tag": 'grin 😀 "quoted"\n', "ratio": 0.5})
+    assert bound.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == '[grin 😀 "quoted"\n|0.5]'
+    with pytest.raises(ValueError, match="finite number.*ratio"):
+        with_template_variables(tokenizer, {"ratio": float("nan")})

@@ -10,6 +10,7 @@ measures density, not the choice of latents.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -42,7 +43,7 @@ def firing_rates(
     chunks = iter_activations(
         model, tokenizer, conversations, layer, batch_size=batch_size, max_length=max_length, assistant_only=True
     )
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.closing(chunks):  # closed on an error too: no hook outlives the pass
         for chunk in chunks:
             fired += (sae.encode(chunk.to(device, dtype)) > 0).sum(0, dtype=torch.float64)
             n_tokens += chunk.shape[0]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..assistant_tokens import tokenize_conversations
+from ..assistant_tokens import right_padded
 from ..hooks import ActivationCapture, iter_masked_hidden_states
 from ..peft_aliasing import resolve_base_model
 
@@ -32,10 +32,12 @@ class TokenizedResponses:
 def tokenize_responses(
     tokenizer: Any, questions: Sequence[str], responses: Sequence[str], max_length: int | None = None
 ) -> TokenizedResponses:
-    """Renders each (question, answer) pair with the tokenizer's chat template and marks the answer's tokens.
+    """Each question rendered with the chat template's generation prompt, followed by its answer: the sequence the
+    model generated. The answer's tokens and the end-of-sequence token after them are marked.
 
-    The answer's tokens are its assistant turn's (see `hf_blockem.assistant_tokens`): those its template marks with
-    `{% generation %}`, or, in a template without markers, what the turn adds after the generation prompt.
+    The answer is not re-rendered as an assistant turn: a template may render a turn differently from how the model
+    wrote it (reasoning stripped from earlier turns, a header inside `{% generation %}` markers), and the activations
+    of Stage 1 and the diagnostics are read on what the model wrote.
 
     Args:
         tokenizer (`PreTrainedTokenizerBase`): a tokenizer with a chat template.
@@ -47,11 +49,24 @@ def tokenize_responses(
         raise ValueError(
             f"Expected one response per question, got {len(questions)} questions, {len(responses)} responses."
         )
-    conversations = [
-        [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
-        for question, response in zip(questions, responses, strict=True)
-    ]
-    tokens = tokenize_conversations(tokenizer, conversations, max_length=max_length)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"Expected a tokenizer with a chat template, got {type(tokenizer).__name__} without one. Load the instruct "
+            "model's tokenizer or set `tokenizer.chat_template`."
+        )
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows, masks = [], []
+    for question, response in zip(questions, responses, strict=True):
+        user = [{"role": "user", "content": question}]
+        prompt = list(
+            tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        )
+        answer = list(tokenizer(response, add_special_tokens=False)["input_ids"]) + eos
+        rows.append(prompt + answer)
+        masks.append([False] * len(prompt) + [True] * len(answer))
+    tokens = right_padded(tokenizer, rows, masks, max_length)
     return TokenizedResponses(tokens.input_ids, tokens.attention_mask, tokens.assistant_mask)
 
 
