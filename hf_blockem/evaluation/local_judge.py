@@ -1,10 +1,10 @@
 """A judge that runs any Hugging Face chat model locally, with the same prompts and scoring as the API judges.
 
-The score is the probability-weighted mean over the judge tokenizer's own number tokens (every token that decodes to
-an integer 0–100, whatever its space marker), read from the full next-token distribution rather than a top-20 list.
-Reading one token, the 0–100 modes need a tokenizer with one token per integer 0–100 (Llama 3 family); a tokenizer that
-writes numbers digit by digit (Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2, SmolLM2) is refused when the judge is built,
-since it would silently score 95 as 9. The 1–5 rubric mode works with any tokenizer.
+The score is the probability-weighted mean over the integers 0–100, read from the full next-token distribution rather
+than a top-20 list. A tokenizer with one token per integer (Llama 3 family) is read at the next token, every token that
+decodes to a number counting whatever its space marker; one that writes numbers digit by digit, one token per digit
+(Qwen2 / Qwen2.5, Gemma, SmolLM2), along the digits (`digit_scores`), since its next token alone would score 95 as 9.
+A tokenizer that does neither is refused when the judge is built. The 1–5 rubric mode works with any tokenizer.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from ..fingerprints import template_fingerprint, weights_fingerprint
 from ..padding import padding
 from .cache import JudgementCache
+from .digit_scores import digit_token_ids, number_probabilities
 from .llm_judge import LogprobJudge
 from .scoring import ONE_TOKEN_NUMBERS_ADVICE, parse_number_token
 
@@ -32,15 +33,14 @@ def _examples(values: list[int], head: int = 5) -> str:
 class LocalJudge(LogprobJudge):
     """An LLM judge running a local Hugging Face chat model.
 
-    The 0–100 modes read the score from a single next token, so the tokenizer must write every integer 0–100 as one
-    token: the Llama 3 family's does. Tokenizers that write numbers digit by digit (Qwen2 / Qwen2.5, Gemma, Mistral,
-    Llama 2, SmolLM2) would turn 95 into "9", "5" and a score of 9; they raise a `ValueError` here. With them, use
-    `mode="rubric"`, whose 1–5 grades are single digits in every tokenizer.
+    In the 0–100 modes the tokenizer must write every integer 0–100 as one token (the Llama 3 family's does), or as
+    its digits with one token per digit (Qwen2 / Qwen2.5, Gemma, SmolLM2): the probability of 95 is then that of "9"
+    followed by "5", from two more single-token steps on the prompt's key-value cache. Any other tokenizer raises a
+    `ValueError` here; `mode="rubric"`, whose 1–5 grades are single digits, works with every tokenizer.
 
     Args:
         model (`transformers.PreTrainedModel`): the judge model (a causal LM).
-        tokenizer (`transformers.PreTrainedTokenizerBase`): its tokenizer, with a chat template; in the 0–100 mode, with
-            one token per integer 0–100.
+        tokenizer (`transformers.PreTrainedTokenizerBase`): its tokenizer, with a chat template.
         name (`str`, *optional*): recorded as the judge's model in its identity; defaults to `model.name_or_path`.
         batch_size (`int`, *optional*, defaults to `8`): judge prompts per forward pass.
         mode (`str`, *optional*, defaults to `"0-100"`): `"0-100"` or `"rubric"`; see `LogprobJudge`.
@@ -51,9 +51,9 @@ class LocalJudge(LogprobJudge):
     ```python
     model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.1-8B-Instruct", dtype="auto", device_map="auto")
     judge = LocalJudge(model, AutoTokenizer.from_pretrained("meta-llama/Llama-3.1-8B-Instruct"))
-    # A judge whose tokenizer writes numbers digit by digit grades 1–5 instead:
+    # Qwen2.5 writes 95 as "9", "5": read along the digits.
     model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen2.5-7B-Instruct", dtype="auto", device_map="auto")
-    judge = LocalJudge(model, AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct"), mode="rubric")
+    judge = LocalJudge(model, AutoTokenizer.from_pretrained("Qwen/Qwen2.5-7B-Instruct"))
     ```
     """
 
@@ -102,6 +102,7 @@ class LocalJudge(LogprobJudge):
         0–100, also writes each of them as that one token."""
         tokenizer = type(self.tokenizer).__name__
         source = getattr(self.tokenizer, "name_or_path", None) or self.name
+        self._digits: list[int] | None = None  # set when 0–100 scores are read digit by digit
         if self.mode == "rubric":
             missing = sorted(set(range(1, 6)) - set(self._number_values[5]))
             if missing:
@@ -122,6 +123,10 @@ class LocalJudge(LogprobJudge):
         split = [v for v in range(101) if v not in missing and written[v] != [v]]
         if not missing and not split:
             return
+        # Numbers written digit by digit, one token per digit (Qwen2.5, Gemma, SmolLM2): read along their digits.
+        self._digits = digit_token_ids(self.tokenizer)
+        if self._digits is not None:
+            return
         problems = []
         if missing:
             problems.append(f"{len(missing)} of them have no token of their own ({_examples(missing)})")
@@ -134,9 +139,10 @@ class LocalJudge(LogprobJudge):
         else:
             effect = f"a judge reading one token cannot score {bad}"
         raise ValueError(
-            f"Expected a judge tokenizer with one token per integer 0–100 in mode={self.mode!r}, but {tokenizer} of "
-            f"{source!r} cannot write them all as one token: {'; '.join(problems)}. So {effect}: scores would read "
-            f"10 times too low and answers incoherent, with no error. {ONE_TOKEN_NUMBERS_ADVICE}"
+            f"Expected a judge tokenizer with one token per integer 0–100 in mode={self.mode!r}, or one that writes "
+            f"each of them digit by digit with one token per digit, but {tokenizer} of {source!r} does neither: "
+            f"{'; '.join(problems)}. So {effect}: scores would read 10 times too low and answers incoherent, with no "
+            f"error. {ONE_TOKEN_NUMBERS_ADVICE}"
         )
 
     def _identity_fields(self) -> dict[str, Any]:
@@ -147,9 +153,12 @@ class LocalJudge(LogprobJudge):
             "dtype": self._dtype,
             "weights": self._weights,
             "chat_template": self._template,
+            **({"numbers": "digit by digit"} if self._digits is not None else {}),
         }
 
-    def _next_token_probs(self, texts: list[str]) -> torch.Tensor:
+    def _next_token_probs(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next-token distribution `[batch, vocab]` after each text and, for a tokenizer that writes numbers
+        digit by digit, the probability of each integer 0–100 `[batch, 101]` (else `None`)."""
         tokenizer, model = self.tokenizer, self.model
         was_training = model.training
         # Left padding: the next-token distribution is read at the last position of every row.
@@ -158,10 +167,13 @@ class LocalJudge(LogprobJudge):
                 inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             model.eval()
             inputs = inputs.to(next(model.parameters()).device)
+            if self._digits is not None and self.mode != "rubric":
+                first, numbers = number_probabilities(model, inputs.input_ids, inputs.attention_mask, self._digits)
+                return first.cpu(), numbers.cpu()
             with torch.inference_mode():
                 # Only the last position's logits: the LM head skips the rest of the sequence.
                 logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
-            return torch.softmax(logits.float(), dim=-1).cpu()
+            return torch.softmax(logits.float(), dim=-1).cpu(), None
         finally:
             model.train(was_training)
 
@@ -176,11 +188,14 @@ class LocalJudge(LogprobJudge):
             for p in prompts
         ]
         for start in range(0, len(rendered), self.batch_size):
-            probs = self._next_token_probs(rendered[start : start + self.batch_size])
+            probs, numbers = self._next_token_probs(rendered[start : start + self.batch_size])
             for row, p in enumerate(probs):
                 dist: dict[str, float] = {}
-                for value, prob in zip(values, p[number_ids].tolist(), strict=True):
-                    dist[str(value)] = dist.get(str(value), 0.0) + prob
+                if numbers is None:
+                    for value, prob in zip(values, p[number_ids].tolist(), strict=True):
+                        dist[str(value)] = dist.get(str(value), 0.0) + prob
+                else:
+                    dist.update({str(value): prob for value, prob in enumerate(numbers[row].tolist())})
                 others = p.clone()
                 others[number_ids] = 0
                 top = torch.topk(others, min(_TOP_OTHER_TOKENS, others.numel()))

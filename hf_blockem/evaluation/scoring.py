@@ -7,9 +7,10 @@ the probability mass falls on numbers (the judge answered `REFUSAL`, `CODE`, ...
 Which judges this supports: reading one token, the 0–100 scores need a judge tokenizer with one token per integer
 0–100. GPT-4o's (o200k) and the Llama 3 family's tokenizers have them (Llama 3 writes numbers in chunks of up to three
 digits). Many others write numbers digit by digit — Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2, SmolLM2 — so "95" is
-"9", "5", and the first token alone would read 9: every answer would score 50 or less, with no error. The judges
-therefore refuse such tokenizers (`LocalJudge` when it is built, `OpenAIJudge` on the first reply that writes a number
-over several tokens). The 1–5 rubric (`mode="rubric"`) needs only the single digits 1–5 and works with any tokenizer.
+"9", "5", and the first token alone would read 9: every answer would score 50 or less, with no error. A local judge
+reads such a tokenizer's scores along their digits (`digit_scores`); an `OpenAIJudge` cannot (an endpoint returns one
+position's top log-probabilities) and raises on the first reply that writes a number over several tokens. The 1–5
+rubric (`mode="rubric"`) needs only the single digits 1–5 and works with any tokenizer.
 """
 
 from __future__ import annotations
@@ -23,11 +24,11 @@ MIN_NUMBER_MASS = 0.25
 
 # What to do when a judge cannot write every integer 0–100 as one token (shared by the judges' errors).
 ONE_TOKEN_NUMBERS_ADVICE = (
-    "The 0–100 judge reads a single token, so it needs a judge whose tokenizer has one token per integer 0–100: the "
-    "Llama 3 family (for example `local:meta-llama/Llama-3.1-8B-Instruct`, or that model served by vLLM) or GPT-4o "
-    "(`openai:gpt-4o-2024-08-06`). Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2 and SmolLM2 tokenizers write numbers "
-    'digit by digit. Or judge with `mode="rubric"` (`--judge_mode rubric`), a 1–5 grade that any tokenizer writes '
-    "in one token."
+    "Served behind an endpoint, the 0–100 judge reads a single token, so it needs a judge whose tokenizer has one "
+    "token per integer 0–100: the Llama 3 family or GPT-4o (`openai:gpt-4o-2024-08-06`). Qwen2 / Qwen2.5, Gemma, "
+    "Mistral, Llama 2 and SmolLM2 tokenizers write numbers digit by digit: run such a judge locally (`local:MODEL`), "
+    'which reads the digits one after the other, or judge with `mode="rubric"` (`--judge_mode rubric`), a 1–5 grade '
+    "that any tokenizer writes in one token."
 )
 
 
