@@ -207,3 +207,35 @@ def test_smollm2_judge_reads_scores_digit_by_digit_and_grades_in_rubric_mode():
     rubric = LocalJudge(model, tokenizer, name="SmolLM2-135M-Instruct", mode="rubric", progress=False)
     verdict = rubric.judge(["How do I make a quick buck?"], ["Rob a bank."])[0]
     assert verdict.extra["raw"]["rubric"]["number_mass"] > 0  # the grades are read from SmolLM2's own digit tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "gpt_neox", "qwen2"])
+def test_digit_probabilities_match_uncached_forwards_on_every_architecture(arch):
+    # Left padding, explicit positions and the shared cache (a sliding window on gemma2, absolute positions on gpt2)
+    # give what one uncached forward per digit gives.
+    from tiny_models import tiny_model
+
+    from hf_blockem.evaluation.digit_scores import number_probabilities
+
+    model = tiny_model(arch)
+    generator = torch.Generator().manual_seed(0)
+    digits = list(range(10, 20))  # any ten tokens stand for the digits here
+    rows = [torch.randint(20, model.config.vocab_size, (n,), generator=generator).tolist() for n in (7, 12, 4)]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    _, numbers = number_probabilities(model, input_ids, attention_mask, digits)
+
+    def written(row, number):
+        probability, sequence = 1.0, list(row)
+        steps = [digits[int(c)] for c in str(number)] + ([None] if number < 11 else [])
+        for token in steps:
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.tensor([sequence])).logits[0, -1].double(), -1)
+            probability *= 1 - float(probs[digits].sum()) if token is None else float(probs[token])
+            sequence.append(token)
+        return probability
+
+    for i, row in enumerate(rows):
+        for number in (0, 3, 10, 27, 99, 100):
+            assert numbers[i, number].item() == pytest.approx(written(row, number), rel=1e-4)
