@@ -22,7 +22,8 @@ from ..peft_aliasing import resolve_base_model
 
 @dataclass
 class TokenizedResponses:
-    """Chat-rendered (question, answer) pairs, right-padded, with a mask of the answer tokens."""
+    """(question, answer) pairs as the model wrote them (the question's generation prompt, then the answer),
+    right-padded, with a mask of the answer tokens."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
