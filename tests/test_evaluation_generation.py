@@ -178,3 +178,22 @@ def test_model_generation_config_defaults_do_not_change_sampling(chat):
         assert generate_responses(model, tokenizer, PROMPTS, **kwargs)["response"] == plain
     finally:
         model.generation_config.top_k, model.generation_config.repetition_penalty = old
+
+
+def test_a_system_message_opens_the_user_turn_when_the_template_refuses_system_roles(caplog):
+    # Gemma 1 / 2 raise on a system role (TRL ships their template); Gemma 3's own template folds it like this.
+    from pathlib import Path
+
+    import trl
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = (Path(trl.__file__).parent / "chat_templates" / "gemma.jinja").read_text()
+    backend = TransformersBackend(tiny_llama(seed=0), tokenizer)
+    with caplog.at_level("WARNING", logger="hf_blockem.evaluation.generation"):
+        texts = [backend.render(Prompt(f"p{i}", "hello world", system="be brief")) for i in range(2)]
+    folded = [{"role": "user", "content": "be brief\n\nhello world"}]
+    assert texts == [tokenizer.apply_chat_template(folded, tokenize=False, add_generation_prompt=True)] * 2
+    assert caplog.text.count("refuses system messages") == 1  # said once, not per prompt
+    assert backend.render(Prompt("q", "hello")) == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hello"}], tokenize=False, add_generation_prompt=True
+    )

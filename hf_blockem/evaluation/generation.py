@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import jinja2
 import torch
 from tqdm.auto import tqdm
 
@@ -154,12 +155,22 @@ class TransformersBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self._warned_system = False
 
     def render(self, prompt: Prompt) -> str:
-        messages = [{"role": "user", "content": prompt.question}]
-        if prompt.system is not None:
-            messages.insert(0, {"role": "system", "content": prompt.system})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        user = {"role": "user", "content": prompt.question}
+        if prompt.system is None:
+            return self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        system = {"role": "system", "content": prompt.system}
+        try:
+            return self.tokenizer.apply_chat_template([system, user], tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as err:
+            # Gemma 1 / 2 templates refuse a system role; their later templates put it at the top of the user turn.
+            if not self._warned_system:
+                logger.warning("The chat template refuses system messages (%s): they open the user turn instead.", err)
+                self._warned_system = True
+            user = {"role": "user", "content": f"{prompt.system}\n\n{prompt.question}"}
+            return self.tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
 
     def generate(
         self,
