@@ -93,6 +93,7 @@ def number_probabilities(
         position_ids=position + 1,
         cache=cache,
     )
+    digits = digits.to(first.device)  # the logits sit with the last layer (`device_map` may split the model)
     p1 = first[:, digits]  # [batch, d1]
     p2 = second[:, digits].view(batch, 10, 10)  # [batch, d1, d2]
     p3 = third[:, digits]  # [batch, d3] after "10"
