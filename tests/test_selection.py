@@ -382,6 +382,12 @@ def test_calibration_budget_counts_only_the_incoherence_steering_adds():
     assert c.induce_multiplier == 2.0 and c.induction() == pytest.approx(0.20)
     none_safe = Calibration(candidate, [1.0], [ProbeResult(0.0, 0.9, 100)], None, 0.10, base, misaligned)
     assert none_safe.repair_multiplier is None and none_safe.alpha == 0.0 and none_safe.repair_efficiency() == 0.0
+    # The paper's code's absolute rule: at most 10% incoherent at all. The misaligned model is 40% incoherent
+    # already, so no repair strength fits; inducing on the 2%-incoherent base, 10% still does.
+    absolute = Calibration(candidate, [1.0, 2.0, 4.0], repair, induce, 0.10, base, misaligned, relative=False)
+    assert absolute.incoherence_limit(misaligned) == 0.10 and c.incoherence_limit(misaligned) == pytest.approx(0.50)
+    assert absolute.repair_multiplier is None and absolute.repair_efficiency() == 0.0
+    assert absolute.induce_multiplier == 2.0
 
 
 def test_ranking_keeps_the_top_n_and_prefilter_drops_non_repairers():

@@ -2,8 +2,9 @@
 
 For each shortlisted latent, sweep the steering multiplier; its calibrated strength is the largest one whose answers
 stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
-unsteered. (Measured against the unsteered model, not as an absolute share, because an emergently misaligned model is
-often somewhat incoherent already; steering is charged only for the incoherence it adds.) Repair efficiency = EM of the misaligned model
+unsteered. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
+incoherent already and steering is charged only for the incoherence it adds; `relative=False` is the paper's code's
+absolute rule, at most `budget` of all answers incoherent.) Repair efficiency = EM of the misaligned model
 at α = 0 minus its EM when steered away at the calibrated strength. The shortlist (Stage 2's survivors) is ranked by
 repair efficiency and the top N are kept, as in the paper's main procedure. With `prefilter=True` a latent must also
 show non-zero repair (and, under the `"induce_and_repair"` rule, non-zero induction) at its calibrated strengths, the
@@ -35,9 +36,14 @@ class Calibration:
     budget: float
     base: ProbeResult
     misaligned: ProbeResult
+    relative: bool = True  # the budget adds to the unsteered model's incoherence (False: an absolute share)
+
+    def incoherence_limit(self, unsteered: ProbeResult) -> float:
+        """The most incoherence a calibrated strength may give, steering the model measured by `unsteered`."""
+        return (unsteered.incoherence_rate if self.relative else 0.0) + self.budget
 
     def _safe_index(self, results: Sequence[ProbeResult], unsteered: ProbeResult) -> int | None:
-        limit = unsteered.incoherence_rate + self.budget
+        limit = self.incoherence_limit(unsteered)
         safe = [i for i, r in enumerate(results) if r.incoherence_rate <= limit]
         return max(safe, key=lambda i: self.multipliers[i]) if safe else None
 
@@ -96,12 +102,14 @@ def calibrate(
     *,
     multipliers: Sequence[float] = (1.0, 2.0, 4.0, 8.0, 16.0),
     budget: float = 0.10,
+    relative_budget: bool = True,
     induce: bool = True,
     progress: bool = True,
 ) -> list[Calibration]:
     """Sweeps every shortlisted latent over `multipliers`, repairing the misaligned model (and inducing on the base).
 
-    `budget` is the most incoherence (a share of answers) steering may add to the unsteered model's own.
+    `budget` is the most incoherence (a share of answers) steering may add to the unsteered model's own, or with
+    `relative_budget=False` the most incoherence it may give at all.
     """
     multipliers = sorted(float(m) for m in multipliers)
     base, misaligned = base_probe.measure(), misaligned_probe.measure()  # cached: the unsteered baselines
@@ -113,7 +121,9 @@ def calibrate(
             if induce
             else None
         )
-        calibrations.append(Calibration(candidate, multipliers, repair, induced, budget, base, misaligned))
+        calibrations.append(
+            Calibration(candidate, multipliers, repair, induced, budget, base, misaligned, relative=relative_budget)
+        )
     return calibrations
 
 

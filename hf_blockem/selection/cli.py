@@ -62,6 +62,9 @@ class SelectArguments:
         default=0.10,
         metadata={"help": "Most incoherence (share of answers) steering may add to the unsteered model's."},
     )
+    relative_budget: bool = field(
+        default=True, metadata={"help": "False: the budget is an absolute share of incoherent answers (the paper's)."}
+    )
     rule: str = field(default="induce_and_repair", metadata={"help": "induce_and_repair or repair_only."})
     prefilter: bool = field(
         default=False, metadata={"help": "Stage 3 keeps only latents that repair at their calibrated strength."}

@@ -39,6 +39,8 @@ class SelectionConfig:
         multipliers (`tuple[float]`, *optional*): Stage-3 sweep, same units.
         incoherence_budget (`float`, *optional*, defaults to `0.10`): the most incoherence (a share of answers) a
             calibrated strength may add to the unsteered model's own.
+        relative_budget (`bool`, *optional*, defaults to `True`): `False` makes the budget an absolute share of
+            incoherent answers (the paper's code: at most 10%), whatever the unsteered model's own.
         rule (`str`, *optional*, defaults to `"induce_and_repair"`): `"induce_and_repair"` (the paper's rule) or
             `"repair_only"`.
         prefilter (`bool`, *optional*, defaults to `False`): Stage 3 keeps only latents with non-zero repair (and
@@ -59,6 +61,7 @@ class SelectionConfig:
     screen_multiplier: float = 4.0
     multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     incoherence_budget: float = 0.10
+    relative_budget: bool = True
     rule: str = "induce_and_repair"
     prefilter: bool = False
     fallback_to_repair_only: bool = True
@@ -298,6 +301,7 @@ def select_layer(
         misaligned_probe,
         multipliers=config.multipliers,
         budget=config.incoherence_budget,
+        relative_budget=config.relative_budget,
         progress=progress,
     )
     selected = rank_and_select(

@@ -57,9 +57,9 @@ def _plot_layer(run: LayerSelection, output_dir: Path) -> list[str]:
             style = "-" if c.candidate.latent in selected else ":"
             left.plot(c.multipliers, [r.em_rate for r in c.repair], style, marker="o", markersize=3, label=label)
             right.plot(c.multipliers, [r.incoherence_rate for r in c.repair], style, marker="o", markersize=3)
-        budget = run.calibrations[0].budget
-        limit = mis.incoherence_rate + budget
-        right.axhline(limit, color="tab:red", linestyle="--", linewidth=1, label=f"budget (+{budget:.0%})")
+        first = run.calibrations[0]
+        label = f"budget (+{first.budget:.0%})" if first.relative else f"budget ({first.budget:.0%})"
+        right.axhline(first.incoherence_limit(mis), color="tab:red", linestyle="--", linewidth=1, label=label)
         left.axhline(mis.em_rate, color="black", linewidth=0.5)
         left.set(xscale="log", xlabel="repair strength (× typical activation)", ylabel="EM rate (misaligned model)")
         right.set(xscale="log", xlabel="repair strength (× typical activation)", ylabel="incoherence rate")
