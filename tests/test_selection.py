@@ -227,6 +227,7 @@ def full_latent_shifts(base, misaligned, sae, tokens, **kwargs) -> dict[str, tor
         "mean_base": z_base.mean(0),
         "active_mean": torch.maximum(active_mean(z_mis), active_mean(z_base)),
         "firing_base": (z_base > 0).float().mean(0),
+        "steering_unit": torch.tensor(1.0),  # an SAE without run-time input normalisation
         "n_tokens": torch.tensor(z_mis.shape[0]),
     }
 
@@ -255,6 +256,41 @@ def test_stage1_streamed_sums_equal_full_latents(token_chunk):
     kwargs = {"batch_size": 4, "progress": False, "token_chunk": token_chunk}
     shifts = activation_shifts(base, misaligned, tokenizer, sae, 2, questions, STAGE1_RESPONSES, **kwargs)
     assert_same_shifts(shifts, expected)
+
+
+@pytest.mark.parametrize("normalisation", ["constant_norm_rescale", "layer_norm"])
+def test_steering_unit_is_what_one_decoder_unit_adds_to_the_residual_stream(normalisation):
+    # SAELens decodes a normalising SAE in its normalised space and scales back: raising latent k by 1 moves its
+    # output by W_dec[k] times the unit. Stage 1 reports the unit's mean, and steering strengths carry it.
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    from hf_blockem.selection.shifts import steering_unit
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=HIDDEN, d_sae=8, normalize_activations=normalisation))
+    x = torch.randn(5, HIDDEN) * 7 + 2
+    k = 3
+    with torch.no_grad():
+        z = sae.encode(x)
+        before = sae.decode(z)
+        sae.encode(x)  # the run-time normalisation is stored by encode and consumed by decode
+        raised = z.clone()
+        raised[:, k] += 1
+        after = sae.decode(raised)
+    unit = steering_unit(sae, x)
+    torch.testing.assert_close((after - before).double(), unit[:, None] * sae.W_dec[k].double(), rtol=1e-4, atol=1e-5)
+    assert (unit > 1).all()  # here the residual stream is larger than the normalised space
+
+    base, misaligned, tokenizer, _, _ = planted_setup(layer=2)
+    questions = PROMPTS[: len(STAGE1_RESPONSES)]
+    shifts = activation_shifts(base, misaligned, tokenizer, sae, 2, questions, STAGE1_RESPONSES, progress=False)
+    tokens = tokenize_responses(tokenizer, questions, STAGE1_RESPONSES)
+    units = []
+    for model in (misaligned, base):
+        with torch.no_grad():
+            hidden = model(tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True)
+        units.append(steering_unit(sae, hidden.hidden_states[3][tokens.response_mask]))
+    torch.testing.assert_close(shifts["steering_unit"], torch.cat(units).mean().float())
 
 
 def test_stage1_streams_on_one_peft_model_and_an_sae_in_another_dtype():

@@ -264,7 +264,8 @@ def select_layer(
         batch_size=config.batch_size,
         progress=progress,
     )
-    delta, scale = shifts["delta"], shifts["active_mean"]
+    # Steering strengths in units of each latent's typical activation, carried into the residual stream's units.
+    delta, scale = shifts["delta"], shifts["active_mean"] * shifts["steering_unit"]
     plus_pool, minus_pool = candidate_pool(delta, config.n_candidates, config.n_candidates)
     W_dec = sae.W_dec.detach().float().cpu()
     candidates = [

@@ -109,6 +109,23 @@ def response_latents(
     return torch.cat(chunks)
 
 
+def steering_unit(sae: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """Per token `[n]`: what one unit of the SAE's decoder space is in the residual stream.
+
+    An SAE that normalises its input at run time decodes in the normalised space and scales back: latent k at z adds
+    z·W_dec[k]·unit to the residual stream, unit = ‖x‖/√d_in for `constant_norm_rescale`, the standard deviation of x
+    for `layer_norm`, and 1 otherwise. Steering adds α·W_dec[k] to the residual stream itself, so a strength measured
+    in latent activations must be multiplied by this unit to mean the same thing.
+    """
+    normalisation = getattr(sae.cfg, "normalize_activations", "none")
+    x = hidden.double()
+    if normalisation == "constant_norm_rescale":
+        return x.norm(dim=-1) / sae.cfg.d_in**0.5
+    if normalisation == "layer_norm":
+        return x.std(dim=-1)
+    return torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+
+
 @torch.no_grad()
 def _response_latent_sums(
     model: torch.nn.Module,
@@ -123,7 +140,7 @@ def _response_latent_sums(
     """Running sums over the response tokens of `model`'s SAE latents, never holding more than `token_chunk` rows.
 
     Returns float64 `sum` (Σ z), `positive_sum` (Σ z where z > 0), int64 `n_positive` (count of z > 0), each
-    `[d_sae]` on the SAE's device, and `n_tokens`.
+    `[d_sae]` on the SAE's device, `unit_sum` (Σ of [`steering_unit`]) and `n_tokens`.
     """
     if token_chunk < 1:
         raise ValueError(f"Expected token_chunk >= 1, got {token_chunk}.")
@@ -140,6 +157,7 @@ def _response_latent_sums(
                     "sum": z.sum(0, dtype=torch.float64),
                     "positive_sum": torch.where(fires, z, 0).sum(0, dtype=torch.float64),
                     "n_positive": fires.sum(0),
+                    "unit_sum": steering_unit(sae, hidden[start : start + token_chunk]).sum().to(sae_device),
                 }
                 for key, value in chunk.items():
                     sums[key] = sums[key] + value if key in sums else value
@@ -180,8 +198,9 @@ def activation_shifts(
     Returns:
         `dict` with `delta` (`[d_sae]`, Δ_k), `mean_base` and `mean_misaligned` (`[d_sae]` mean activations),
         `active_mean` (`[d_sae]`, mean activation over the tokens where the latent fires, the larger of the two models),
-        `firing_base` (`[d_sae]`, share of response tokens where the latent is > 0 under the base model) and
-        `n_tokens`. All fp32 on the CPU but `n_tokens` (an int64 scalar).
+        `firing_base` (`[d_sae]`, share of response tokens where the latent is > 0 under the base model),
+        `steering_unit` (scalar, the mean [`steering_unit`] over both models' tokens: 1 for an SAE without run-time
+        input normalisation) and `n_tokens`. All fp32 on the CPU but `n_tokens` (an int64 scalar).
     """
     tokens = tokenize_responses(tokenizer, questions, responses, max_length=max_length)
     if not tokens.response_mask.any():
@@ -208,6 +227,7 @@ def activation_shifts(
         "mean_base": mean_base,
         "active_mean": active,
         "firing_base": fp32(s_base["n_positive"].double() / n_tokens),
+        "steering_unit": fp32((s_mis["unit_sum"] + s_base["unit_sum"]) / (2 * n_tokens)),
         "n_tokens": torch.tensor(n_tokens),
     }
 
