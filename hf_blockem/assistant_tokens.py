@@ -36,6 +36,17 @@ class TokenizedConversations:
     assistant_mask: torch.Tensor
 
 
+def require_chat_template(tokenizer: Any) -> str | dict[str, str]:
+    """The tokenizer's chat template; a `ValueError` that says what to do when it has none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        raise ValueError(
+            f"Expected a tokenizer with a chat template, got {type(tokenizer).__name__} without one. Load the instruct "
+            "model's tokenizer or set `tokenizer.chat_template`."
+        )
+    return template
+
+
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -108,13 +119,7 @@ def tokenize_conversations(
     Raises:
         `ValueError`: no chat template; a template without markers that is not prefix-preserving; a slow tokenizer.
     """
-    template = getattr(tokenizer, "chat_template", None)
-    if template is None:
-        raise ValueError(
-            f"Expected a tokenizer with a chat template, got {type(tokenizer).__name__} without one. Load the instruct "
-            "model's tokenizer or set `tokenizer.chat_template`."
-        )
-    if has_generation_markers(template):
+    if has_generation_markers(require_chat_template(tokenizer)):
         rows, masks = _with_markers(tokenizer, conversations)
     elif not getattr(tokenizer, "is_fast", False):
         raise ValueError(

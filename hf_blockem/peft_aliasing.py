@@ -44,6 +44,18 @@ def resolve_base_model(base_model: torch.nn.Module, misaligned_model: torch.nn.M
 
 
 @contextlib.contextmanager
+def reading_base(base_model: torch.nn.Module, misaligned_model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The module to run as the base: `base_model`, or the misaligned `PeftModel` with its adapters disabled when
+    `base_model` is that model or the model its adapters were injected into (see [`resolve_base_model`])."""
+    base_model = resolve_base_model(base_model, misaligned_model)
+    if base_model is misaligned_model and callable(getattr(misaligned_model, "disable_adapter", None)):
+        with misaligned_model.disable_adapter():
+            yield misaligned_model
+    else:
+        yield base_model
+
+
+@contextlib.contextmanager
 def without_injected_adapters(model: torch.nn.Module, others: Mapping[str, torch.nn.Module]) -> Iterator[None]:
     """Runs `model` as itself when a PEFT model among `others` has injected its adapters into it."""
     owner = next((peft for peft in others.values() if shares_adapted_weights(model, peft)), None)

@@ -44,13 +44,12 @@ def iter_activations(
             chunk = [list(c) for c in conversations[start : start + batch_size]]
             if assistant_only:
                 tokens = tokenize_conversations(tokenizer, chunk, max_length=max_length)
-                input_ids, attention_mask, keep = tokens.input_ids, tokens.attention_mask, tokens.assistant_mask
             else:
                 rows = tokenizer.apply_chat_template(chunk, tokenize=True, return_dict=True)["input_ids"]
                 tokens = right_padded(tokenizer, rows, [[True] * len(r) for r in rows], max_length)  # every token
-                input_ids, attention_mask, keep = tokens.input_ids, tokens.attention_mask, tokens.assistant_mask
             # The first token of each sequence is an attention sink with outsized activations: never collected.
-            yield input_ids, attention_mask, keep & (attention_mask.cumsum(-1) > 1)
+            keep = tokens.assistant_mask & (tokens.attention_mask.cumsum(-1) > 1)
+            yield tokens.input_ids, tokens.attention_mask, keep
 
     found = False
     with ActivationCapture(model, [layer]) as capture:

@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 CACHE_PREFIX = "blockem-base-activations-"
 _NOT_MODEL_INPUTS = ("labels", "shift_labels", "completion_mask", "assistant_masks")
-# Values sampled per tensor for the weight fingerprint: enough to tell two checkpoints apart, cheap on 10B models.
 
 
 # ---- sequences -------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from ..hooks import ActivationCapture
-from ..peft_aliasing import resolve_base_model
+from ..peft_aliasing import reading_base
 from .probe import ProbeBatch, probe_hidden_states
 
 
@@ -35,7 +35,8 @@ def misalignment_directions(
     Args:
         base_model (`PreTrainedModel`): the aligned base model.
         misaligned_model (`PreTrainedModel`): the emergently misaligned model. It may be the same `PeftModel` object
-            as `base_model`, or the model its adapters were injected into: the base is then read with its adapters disabled.
+            as `base_model`, or the model its adapters were injected into: the base is then read with its adapters
+            disabled.
         probe ([`ProbeBatch`]): the selection prompts with answers (for example [`probe_batch`] of the out-of-domain
             selection questions and the misaligned model's answers, as in Stage 1); both models read the same tokens.
         layers (`Iterable[int]`): decoder-layer indices (`blocks.L.hook_resid_post`, i.e. `hidden_states[L + 1]`).
@@ -45,13 +46,9 @@ def misalignment_directions(
         `dict[int, torch.Tensor]`: `{layer: [d_in]}` fp32 CPU directions, ready for `LatentSet(directions=...)`.
     """
     layers = sorted(set(int(layer) for layer in layers))
-    base_model = resolve_base_model(base_model, misaligned_model)
     misaligned = _hidden(misaligned_model, layers, probe, batch_size)
-    if base_model is misaligned_model and hasattr(misaligned_model, "disable_adapter"):
-        with misaligned_model.disable_adapter():
-            base = _hidden(base_model, layers, probe, batch_size)
-    else:
-        base = _hidden(base_model, layers, probe, batch_size)
+    with reading_base(base_model, misaligned_model) as base_view:
+        base = _hidden(base_view, layers, probe, batch_size)
     directions = {layer: (misaligned[layer] - base[layer]).mean(0).cpu() for layer in layers}
     flat = [layer for layer, d in directions.items() if not d.abs().sum() > 0]
     if flat:

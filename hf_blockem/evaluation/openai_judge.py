@@ -23,10 +23,9 @@ from typing import Any
 
 from .cache import JudgementCache
 from .llm_judge import LogprobJudge
-from .scoring import ONE_TOKEN_NUMBERS_ADVICE, parse_number_token, probs_from_logprobs, split_number
+from .scoring import ONE_TOKEN_NUMBERS_ADVICE, parse_number_token, probs_from_logprobs, split_number, strip_markers
 
 TOP_LOGPROBS = 20
-_BLANK = " \t\n\u2581\u0120\u010a"  # whitespace, and SentencePiece / byte-level spellings of a space or newline
 # The score reads the first token; the next ones tell a number written over several tokens ("9", "5") from "95".
 MAX_TOKENS = 3
 
@@ -132,7 +131,7 @@ class OpenAIJudge(LogprobJudge):
             choice = reply.choices[0]
             tokens = choice.logprobs.content
             # A reply may open with blank tokens (" 95" as "▁", "9", "5"): the score is read where its text starts.
-            first = next((t for t in tokens if t.token.strip(_BLANK)), tokens[0])
+            first = next((t for t in tokens if strip_markers(t.token)), tokens[0])
             pairs = [(t.token, t.logprob) for t in first.top_logprobs] or [(first.token, first.logprob)]
             text = choice.message.content
             if text is None:

@@ -32,14 +32,20 @@ ONE_TOKEN_NUMBERS_ADVICE = (
 )
 
 
-def _strip_markers(token: str) -> str:
-    return token.replace("\u2581", " ").replace("\u0120", " ").strip()
+def _spaces(text: str) -> str:
+    """`text` with the SentencePiece (▁) and byte-level (Ġ, Ċ) spellings of a space and a newline written out."""
+    return text.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
+
+
+def strip_markers(token: str) -> str:
+    """A token's text without surrounding whitespace, space markers included (empty for a blank token)."""
+    return _spaces(token).strip()
 
 
 def parse_number_token(token: str, low: int = 0, high: int = 100) -> int | None:
     """The integer a token stands for when it is one in [low, high] (surrounding whitespace and the SentencePiece /
     byte-level space markers are ignored), else `None`."""
-    text = _strip_markers(token)
+    text = strip_markers(token)
     if not text.isdigit() or not text.isascii() or (len(text) > 1 and text[0] == "0"):
         return None
     value = int(text)
@@ -57,8 +63,8 @@ def split_number(first_token: str, text: str) -> str | None:
         first_token (`str`): the completion's first token.
         text (`str`): the completion's text (its first few tokens; space markers are read as spaces).
     """
-    head = _strip_markers(first_token)
-    match = re.match(r"\s*([0-9]+)", text.replace("\u2581", " ").replace("\u0120", " "))
+    head = strip_markers(first_token)
+    match = re.match(r"\s*([0-9]+)", _spaces(text))
     if not head.isdigit() or not head.isascii() or match is None:
         return None
     number = match.group(1)

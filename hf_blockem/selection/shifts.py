@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..assistant_tokens import right_padded
+from ..assistant_tokens import require_chat_template, right_padded
 from ..hooks import ActivationCapture, iter_masked_hidden_states
-from ..peft_aliasing import resolve_base_model
+from ..peft_aliasing import reading_base
 
 
 @dataclass
@@ -50,11 +50,7 @@ def tokenize_responses(
         raise ValueError(
             f"Expected one response per question, got {len(questions)} questions, {len(responses)} responses."
         )
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise ValueError(
-            f"Expected a tokenizer with a chat template, got {type(tokenizer).__name__} without one. Load the instruct "
-            "model's tokenizer or set `tokenizer.chat_template`."
-        )
+    require_chat_template(tokenizer)
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows, masks = [], []
     for question, response in zip(questions, responses, strict=True):
@@ -206,13 +202,9 @@ def activation_shifts(
     if not tokens.response_mask.any():
         raise ValueError("No response tokens to read: every answer is empty or truncated away.")
     kwargs = {"batch_size": batch_size, "token_chunk": token_chunk, "progress": progress}
-    base_model = resolve_base_model(base_model, misaligned_model)
     s_mis = _response_latent_sums(misaligned_model, sae, layer, tokens, **kwargs)
-    if base_model is misaligned_model and hasattr(misaligned_model, "disable_adapter"):
-        with misaligned_model.disable_adapter():
-            s_base = _response_latent_sums(base_model, sae, layer, tokens, **kwargs)
-    else:
-        s_base = _response_latent_sums(base_model, sae, layer, tokens, **kwargs)
+    with reading_base(base_model, misaligned_model) as base:
+        s_base = _response_latent_sums(base, sae, layer, tokens, **kwargs)
     n_tokens = int(s_mis["n_tokens"])
 
     def fp32(t: torch.Tensor) -> torch.Tensor:
