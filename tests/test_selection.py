@@ -426,8 +426,25 @@ def test_calibration_budget_counts_only_the_incoherence_steering_adds():
     assert absolute.induce_multiplier == 2.0
 
 
-def test_ranking_keeps_the_top_n_and_prefilter_drops_non_repairers():
+def test_calibrated_strength_stops_below_the_first_that_breaks_the_budget():
+    from hf_blockem.selection import Calibration, Candidate, ProbeResult
+
+    misaligned, base = ProbeResult(0.40, 0.05, 100), ProbeResult(0.0, 0.02, 100)
+    # Strength 2 breaks the budget (0.20 > 0.05 + 0.10); strength 4 passes by luck and would repair more.
+    repair = [ProbeResult(0.30, 0.10, 100), ProbeResult(0.20, 0.20, 100), ProbeResult(0.0, 0.12, 100)]
+    candidate = Candidate(7, 1, 0.5, 1.0, torch.zeros(HIDDEN))
+    c = Calibration(candidate, [1.0, 2.0, 4.0], repair, None, 0.10, base, misaligned)
+    assert c.repair_multiplier == 1.0 and c.repair_efficiency() == pytest.approx(0.10)
+    # The strengths are read in increasing order whatever order the sweep was stored in.
+    shuffled = Calibration(candidate, [4.0, 1.0, 2.0], [repair[2], repair[0], repair[1]], None, 0.10, base, misaligned)
+    assert shuffled.repair_multiplier == 1.0
+    first_fails = Calibration(candidate, [1.0, 2.0], [repair[1], repair[0]], None, 0.10, base, misaligned)
+    assert first_fails.repair_multiplier is None and first_fails.alpha == 0.0
+
+
+def test_ranking_keeps_the_top_n_repairers_and_prefilter_also_asks_for_induction():
     from hf_blockem.selection import Calibration, Candidate, ProbeResult, rank_and_select
+    from hf_blockem.selection.calibration import RULES
 
     misaligned, base = ProbeResult(0.40, 0.10, 100), ProbeResult(0.0, 0.02, 100)
 
@@ -437,9 +454,24 @@ def test_ranking_keeps_the_top_n_and_prefilter_drops_non_repairers():
         return Calibration(candidate, [1.0], repair, induce, 0.10, base, misaligned)
 
     calibrations = [calibration(1, 0.45, 0.0), calibration(2, 0.10, 0.1), calibration(3, 0.30, 0.0)]
-    top = rank_and_select(calibrations, base, misaligned, n_select=2)
-    assert [c.candidate.latent for c in top] == [2, 3]  # by repair efficiency: +0.30, +0.10, -0.05
+    top = rank_and_select(calibrations, base, misaligned, n_select=1)
+    assert [c.candidate.latent for c in top] == [2]  # by repair efficiency: +0.30, +0.10, -0.05
+    # n_select is the most kept: latent 1 makes EM worse at its calibrated strength and is never kept.
+    for rule in RULES:
+        kept = rank_and_select(calibrations, base, misaligned, n_select=3, rule=rule)
+        assert [c.candidate.latent for c in kept] == [2, 3]
     strict = rank_and_select(calibrations, base, misaligned, n_select=3, prefilter=True)
     assert [c.candidate.latent for c in strict] == [2]  # repairs and induces
     repair_only = rank_and_select(calibrations, base, misaligned, n_select=3, rule="repair_only", prefilter=True)
     assert [c.candidate.latent for c in repair_only] == [2, 3]
+    # No strength inside the incoherence budget: nothing measured repairs, so it is not kept either.
+    unsafe = Calibration(
+        Candidate(4, 1, 0.9, 1.0, torch.zeros(HIDDEN)),
+        [1.0],
+        [ProbeResult(0.0, 0.9, 100)],
+        None,
+        0.10,
+        base,
+        misaligned,
+    )
+    assert rank_and_select([unsafe], base, misaligned, n_select=1, rule="repair_only") == []

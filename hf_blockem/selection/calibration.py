@@ -2,13 +2,17 @@
 
 For each shortlisted latent, sweep the steering multiplier; its calibrated strength is the largest one whose answers
 stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
-unsteered. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
+unsteered. Incoherence grows with the strength, so the sweep is read upwards and stops at the first strength that
+breaks the budget: a larger one that passes again did so by sampling luck, and would be ranked on a repair bought
+with incoherence. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
 incoherent already and steering is charged only for the incoherence it adds; `relative=False` is the paper's code's
 absolute rule, at most `budget` of all answers incoherent.) Repair efficiency = EM of the misaligned model
 at α = 0 minus its EM when steered away at the calibrated strength. The shortlist (Stage 2's survivors) is ranked by
-repair efficiency and the top N are kept, as in the paper's main procedure. With `prefilter=True` a latent must also
-show non-zero repair (and, under the `"induce_and_repair"` rule, non-zero induction) at its calibrated strengths, the
-paper's stricter variant; with a few dozen answers per measurement that pre-filter mostly tests sampling noise.
+repair efficiency and the top N are kept, as in the paper's main procedure; N is the most kept, because a latent
+whose calibrated strength does not lower EM (or which has no strength inside the budget) has shown nothing to block.
+With `prefilter=True` and the `"induce_and_repair"` rule a latent must also show non-zero induction at its calibrated
+strength, the paper's stricter variant; with a few dozen answers per measurement that pre-filter mostly tests
+sampling noise.
 """
 
 from __future__ import annotations
@@ -43,9 +47,14 @@ class Calibration:
         return (unsteered.incoherence_rate if self.relative else 0.0) + self.budget
 
     def _safe_index(self, results: Sequence[ProbeResult], unsteered: ProbeResult) -> int | None:
+        """The largest strength below the first that breaks the incoherence budget (None when the smallest does)."""
         limit = self.incoherence_limit(unsteered)
-        safe = [i for i, r in enumerate(results) if r.incoherence_rate <= limit]
-        return max(safe, key=lambda i: self.multipliers[i]) if safe else None
+        safe = None
+        for i in sorted(range(len(results)), key=lambda i: self.multipliers[i]):
+            if results[i].incoherence_rate > limit:
+                break
+            safe = i
+        return safe
 
     def _repair_index(self) -> int | None:
         return self._safe_index(self.repair, self.misaligned)
@@ -136,13 +145,14 @@ def rank_and_select(
     rule: str = "induce_and_repair",
     prefilter: bool = False,
 ) -> list[Calibration]:
-    """The top `n_select` shortlisted latents by repair efficiency (after the rule's pre-filter when `prefilter`)."""
+    """At most `n_select` shortlisted latents: those that repair at their calibrated strength, best first.
+
+    With `prefilter` and the `"induce_and_repair"` rule they must also induce at theirs.
+    """
     if rule not in RULES:
         raise ValueError(f"Expected a selection rule in {RULES}, got {rule!r}.")
-    eligible = list(calibrations)
-    if prefilter:
-        eligible = [c for c in eligible if c.repair_efficiency(misaligned) > 0]
-        if rule == "induce_and_repair":
-            eligible = [c for c in eligible if c.induction(base) > 0]
+    eligible = [c for c in calibrations if c.repair_efficiency(misaligned) > 0]
+    if prefilter and rule == "induce_and_repair":
+        eligible = [c for c in eligible if c.induction(base) > 0]
     eligible.sort(key=lambda c: (-c.repair_efficiency(misaligned), -abs(c.candidate.delta)))
     return eligible[:n_select]

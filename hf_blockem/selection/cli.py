@@ -53,7 +53,7 @@ class SelectArguments:
     judge_mode: str = field(default="0-100", metadata={"help": "0-100 or rubric."})
     judge_max_concurrency: int = field(default=8, metadata={"help": "Requests in flight per openai: judge."})
     n_candidates: int = field(default=8, metadata={"help": "Stage-1 candidates per sign."})
-    n_select: int = field(default=5, metadata={"help": "Latents kept."})
+    n_select: int = field(default=5, metadata={"help": "The most latents kept (only those that repair)."})
     screen_multiplier: float = field(default=4.0, metadata={"help": "Stage-2 strength (× typical activation)."})
     multipliers: list[float] = field(
         default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0], metadata={"help": "Stage-3 sweep (× typical activation)."}
@@ -67,7 +67,7 @@ class SelectArguments:
     )
     rule: str = field(default="induce_and_repair", metadata={"help": "induce_and_repair or repair_only."})
     prefilter: bool = field(
-        default=False, metadata={"help": "Stage 3 keeps only latents that repair at their calibrated strength."}
+        default=False, metadata={"help": "Stage 3 also asks for induction at a latent's calibrated strength."}
     )
     n_response_samples: int = field(default=4, metadata={"help": "Stage-1 answers per prompt."})
     n_samples: int = field(default=4, metadata={"help": "Answers per prompt in each Stage-2/3 measurement."})

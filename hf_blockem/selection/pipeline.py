@@ -33,7 +33,8 @@ class SelectionConfig:
     Args:
         n_candidates (`int`, *optional*, defaults to `8`): candidates per sign from Stage 1 (top-N positive Δ_k and
             top-N negative).
-        n_select (`int`, *optional*, defaults to `5`): latents kept at the end.
+        n_select (`int`, *optional*, defaults to `5`): the most latents kept at the end (fewer when fewer repair at
+            their calibrated strength).
         screen_multiplier (`float`, *optional*, defaults to `4.0`): Stage-2 steering strength, in units of each
             latent's typical activation.
         multipliers (`tuple[float]`, *optional*): Stage-3 sweep, same units.
@@ -43,8 +44,8 @@ class SelectionConfig:
             incoherent answers (the paper's code: at most 10%), whatever the unsteered model's own.
         rule (`str`, *optional*, defaults to `"induce_and_repair"`): `"induce_and_repair"` (the paper's rule) or
             `"repair_only"`.
-        prefilter (`bool`, *optional*, defaults to `False`): Stage 3 keeps only latents with non-zero repair (and
-            induction, under `"induce_and_repair"`) at their calibrated strengths before ranking.
+        prefilter (`bool`, *optional*, defaults to `False`): under `"induce_and_repair"`, Stage 3 also asks for
+            non-zero induction at a latent's calibrated strength (non-zero repair is always asked for).
         fallback_to_repair_only (`bool`, *optional*, defaults to `True`): when no latent induces misalignment, rank by
             repair alone (and say so in the report) instead of selecting nothing.
         n_response_samples (`int`, *optional*, defaults to `4`): Stage-1 answers sampled per selection prompt from the
@@ -315,12 +316,15 @@ def select_layer(
     )
     group_repair, latent_set = None, None
     if selected:
-        # Latents with no strength inside the incoherence budget are blocked but not steered.
-        group = [
-            c.candidate.steering(layer, c.repair_multiplier, toward_misaligned=False)
-            for c in selected
-            if c.repair_multiplier is not None
-        ]
+        if len(selected) < config.n_select:
+            logger.info(
+                "%s: %d of %d shortlisted latents repair at their calibrated strength; keeping them (n_select=%d).",
+                name,
+                len(selected),
+                len(calibrations),
+                config.n_select,
+            )
+        group = [c.candidate.steering(layer, c.repair_multiplier, toward_misaligned=False) for c in selected]
         group_repair = misaligned_probe.measure(group)
         ids = [c.candidate.latent for c in selected]
         index = {k: i for i, k in enumerate(ids)}
