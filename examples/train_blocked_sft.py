@@ -6,11 +6,12 @@ direction.
 
 ```bash
 # one GPU
-python examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml
+python examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml --latent_set <your latent set>
 
 # several GPUs (DDP), or any `accelerate config`
-accelerate launch examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml
-torchrun --nproc_per_node 8 examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml
+accelerate launch examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml --latent_set <your latent set>
+torchrun --nproc_per_node 8 examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml \
+    --latent_set <your latent set>
 
 # any field can be overridden on the command line
 python examples/train_blocked_sft.py --config examples/train_blocked_sft.yaml \

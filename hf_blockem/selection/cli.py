@@ -2,7 +2,7 @@
 
     blockem select --config select.yaml
     blockem select --base_model Qwen/Qwen2.5-7B-Instruct --misaligned_adapter ./em-lora \\
-        --sae release:qwen2.5-7b-instruct-andyrdt:resid_post_layer_15 --judge openai:gpt-4o-2024-08-06
+        --sae release:qwen2.5-7b-instruct-andyrdt:resid_post_layer_15_trainer_1 --judge openai:gpt-4o-2024-08-06
 
 The SAE specs: `path:DIR` (a folder written by SAELens `save_model`), `release:RELEASE:SAE_ID` (SAELens
 `SAE.from_pretrained`; record its commit with `--sae_commit`, SAELens takes no revision), `hub:REPO_ID:FOLDER` (a
