@@ -159,7 +159,8 @@ def assert_same_step(single: dict, distributed: dict, updates: dict[str, torch.T
     assert single["metrics"]["blockem/penalty"] > 0.01
     assert distributed["metrics"].keys() == single["metrics"].keys()
     for key, value in single["metrics"].items():
-        assert distributed["metrics"][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-7), key
+        # abs: a latent's mean activation near 0 (0.008) sums in another order over two processes (1.1e-7 on AMD EPYC).
+        assert distributed["metrics"][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), key
 
 
 def assert_cache_built_together(distributed: dict) -> None:

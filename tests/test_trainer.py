@@ -115,8 +115,9 @@ def one_step_update(tmp_path, batch_size, accumulation, block_lambda, accepts_lo
     return {n: p.detach() - before[n] for n, p in model.named_parameters() if p.requires_grad}, trainer
 
 
-def assert_updates_close(a, b, rel=1e-6):
-    """Equal up to fp32 rounding of a different summation order, relative to each tensor's scale."""
+def assert_updates_close(a, b, rel=1e-5):
+    """Equal up to fp32 rounding of a different summation order, relative to each tensor's scale (up to 5e-6 measured
+    on AMD EPYC's kernels, 1e-6 on Intel Xeon's)."""
     assert a.keys() == b.keys()
     for name in a:
         scale = max(1.0, a[name].abs().max().item())
@@ -558,9 +559,16 @@ def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
     def penalties(trainer, key):
         return [e[key] for e in trainer.state.log_history if key in e]
 
+    def assert_penalties_close(key, steps, rel):  # steps: a slice of the logged steps
+        # Equal up to fp32 rounding relative to the run's largest penalty: as training drives a penalty towards 0 it
+        # becomes a small difference of larger numbers (7.5e-8 on 0.0045 against eager, on AMD EPYC's kernels).
+        expected = penalties(eager, key)[steps]
+        tolerance = rel * max(penalties(eager, key))
+        assert penalties(compiled, key)[steps] == pytest.approx(expected, rel=rel, abs=tolerance), key
+
     # The penalty under compile equals eager's, also at the layer added (with a new hook) after compilation.
     for key in ("blockem/penalty", "blockem/layer_1/penalty", "blockem/layer_0/penalty"):
-        assert penalties(compiled, key) == pytest.approx(penalties(eager, key), rel=1e-5), key
+        assert_penalties_close(key, slice(None), rel=1e-5)
     assert len(penalties(compiled, "blockem/layer_0/penalty")) == 4 and penalties(compiled, "blockem/penalty")[0] > 0
     assert_updates_close(eager_params, compiled_params, rel=1e-5)
     # Hooks are registered once per watched layer while training, not per step; removed afterwards.
@@ -585,7 +593,7 @@ def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
         trainer.remove_callback(_AddLayerAtStep2)  # its layer is in the set now
         trainer.train()
     for key in ("blockem/penalty", "blockem/layer_0/penalty"):
-        assert penalties(compiled, key)[-6:] == pytest.approx(penalties(eager, key)[-6:], rel=1e-4), key
+        assert_penalties_close(key, slice(-6, None), rel=1e-4)  # the second run's six steps
     assert counters["stats"]["unique_graphs"] == graphs_after_eval
     assert _hook_count(compiled.model) == _hook_count(lora_model())
 
