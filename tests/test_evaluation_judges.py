@@ -242,6 +242,23 @@ WRITTEN = {
     ("blank then split", "aligned"): ["9", "5"],
     ("blank then split", "coherent"): ["9", "0"],
 }
+# A digit-by-digit judge behind an endpoint that continues prefilled replies (vLLM, SGLang): the next-token
+# distribution after the reply so far, by (answer, metric, reply so far). A prefill not listed here gets a 400.
+SCRIPT["digits"] = ({"9": 0.5, "1": 0.3, "7": 0.2}, {"8": 1.0})
+CONTINUED = {
+    ("digits", "aligned", "9"): {"5": 0.5, "0": 0.5},
+    ("digits", "aligned", "1"): {"0": 1.0},
+    ("digits", "aligned", "10"): {"0": 0.5, "<|im_end|>": 0.5},
+    ("digits", "aligned", "7"): {" out": 1.0},
+    ("digits", "coherent", "8"): {"0": 0.9, "5": 0.1},
+    ("split 95", "aligned", "9"): {"5": 1.0},
+    ("split 95", "aligned", "8"): {"0": 1.0},
+    ("split 95", "coherent", "9"): {"0": 1.0},
+    ("split 100", "aligned", "10"): {"0": 1.0},
+    ("split 100", "coherent", "10"): {"<|im_end|>": 1.0},
+    ("blank then split", "aligned", " 9"): {"5": 1.0},
+    ("blank then split", "coherent", " 9"): {"0": 1.0},
+}
 
 
 class FakeOpenAIServer:
@@ -251,6 +268,7 @@ class FakeOpenAIServer:
         self.requests = Counter()  # (answer, metric) -> requests received
         self.bodies = []
         self.in_flight = self.max_in_flight = 0
+        self.prefill_refused = False  # True: answer continue_final_message with a 400, as OpenAI's API does
         self.lock = threading.Lock()
         server = self
 
@@ -285,17 +303,30 @@ class FakeOpenAIServer:
                     answer = "kind words"
                 if answer == "not json":
                     return self._send(200, "this is not json")
-                dist = SCRIPT[answer][0 if metric == "aligned" else 1]
+                if body.get("continue_final_message"):
+                    if server.prefill_refused or body.get("add_generation_prompt", True):
+                        return self._send(400, {"error": {"message": "continue_final_message is not supported"}})
+                    reply_so_far = body["messages"][-1]["content"]
+                    if (answer, metric, reply_so_far) not in CONTINUED:
+                        return self._send(400, {"error": {"message": f"unscripted prefill {reply_so_far!r}"}})
+                    dist, rest = CONTINUED[(answer, metric, reply_so_far)], []
+                else:
+                    dist = SCRIPT[answer][0 if metric == "aligned" else 1]
+                    rest = WRITTEN.get((answer, metric), [])
                 top = [{"token": t, "logprob": float(torch.tensor(p).log()), "bytes": None} for t, p in dist.items()]
                 # Greedy decoding: the most likely first token, then the scripted rest, cut at max_tokens.
-                rest = [{"token": t, "logprob": 0.0, "bytes": None} for t in WRITTEN.get((answer, metric), [])]
+                rest = [{"token": t, "logprob": 0.0, "bytes": None} for t in rest]
                 written = [top[0], *rest]
                 finish_reason = "length" if len(written) > body["max_tokens"] else "stop"
                 written = written[: body["max_tokens"]]
                 choice = {
                     "index": 0,
                     "finish_reason": finish_reason,
-                    "message": {"role": "assistant", "content": "".join(t["token"] for t in written)},
+                    # Servers return decoded text: a SentencePiece space marker is a space.
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(t["token"] for t in written).replace("▁", " "),
+                    },
                 }
                 if answer != "malformed":
                     content = [{**written[0], "top_logprobs": top}]
@@ -431,3 +462,61 @@ def test_openai_judge_refuses_a_number_written_over_several_tokens(server, tmp_p
     assert "Llama 3" in message and "gpt-4o" in message and 'mode="rubric"' in message
     assert sum(server.requests.values()) < 12
     assert len(cache) == 0  # no wrong score is stored
+
+
+def test_openai_judge_reads_split_numbers_along_prefilled_digits(server, tmp_path):
+    cache = JudgementCache(tmp_path / "c.sqlite")
+    judge = _judge(server, split_numbers="prefill", cache=cache)
+    verdicts = judge.judge(["q"] * 4, ["digits", "split 95", "split 100", "blank then split"])
+    # P(95) = P("9") P("5" | "9"), P(10) = P("1") P("0" | "1") P(not a digit | "10"), "7 out" is 7:
+    # 0.25·95 + 0.25·90 + 0.15·100 + 0.15·10 + 0.2·7.
+    assert verdicts[0].aligned == pytest.approx(64.15) and verdicts[0].coherent == pytest.approx(80.5)
+    assert verdicts[1].aligned == pytest.approx(0.9 * 95 + 0.1 * 80) and verdicts[1].coherent == pytest.approx(90.0)
+    assert (verdicts[2].aligned, verdicts[2].coherent) == (pytest.approx(100.0), pytest.approx(10.0))
+    # A reply that opens with a blank is prefilled with it: " 9", as the judge wrote it.
+    assert (verdicts[3].aligned, verdicts[3].coherent) == (pytest.approx(95.0), pytest.approx(90.0))
+    assert all("errors" not in v.extra for v in verdicts)
+    assert verdicts[0].judge["score_from"] == "first non-blank token, split numbers read along prefilled digits"
+    # One request per metric, then one per number that a digit could still extend ("0" and "95" are never continued).
+    assert server.requests[("digits", "aligned")] == 5 and server.requests[("digits", "coherent")] == 2
+    prefilled = [b for b in server.bodies if b.get("continue_final_message")]
+    assert all(b["max_tokens"] == 1 and b["add_generation_prompt"] is False for b in prefilled)
+    assert all(b["messages"][-1]["role"] == "assistant" and b["top_logprobs"] == 20 for b in prefilled)
+    # One-token numbers and the rubric are read as before; the refusing judge is a different judge in the cache.
+    assert _judge(server, split_numbers="prefill").judge(["q"], ["one token 95"])[0].aligned == pytest.approx(94.5)
+    assert _judge(server, split_numbers="refuse").identity != judge.identity
+
+
+def test_openai_judge_prefill_on_an_endpoint_without_it_ends_the_run(server):
+    from hf_blockem.evaluation.openai_judge import PrefillError
+
+    server.prefill_refused = True
+    with pytest.raises(PrefillError, match="continue_final_message.*vLLM or SGLang"):
+        _judge(server, split_numbers="prefill", max_concurrency=1).judge(["q", "q1"], ["split 95", "pause"])
+    with pytest.raises(ValueError, match="split_numbers"):
+        _judge(server, split_numbers="digits")
+
+
+def test_numbers_along_digits_is_the_local_judges_digit_product():
+    from hf_blockem.evaluation.scoring import numbers_along_digits
+
+    # Random next-digit distributions for a digit-by-digit judge, read both ways.
+    generator = torch.Generator().manual_seed(0)
+    first = torch.softmax(torch.randn(12, generator=generator), 0)  # "0"-"9", "REF", a blank-marked "▁8"
+    after = {str(d): torch.softmax(torch.randn(11, generator=generator), 0) for d in range(1, 11)}  # 10 digits + stop
+
+    def continuation(number):
+        return {**{str(d): float(after[number][d]) for d in range(10)}, "<eos>": float(after[number][10])}
+
+    probs = {**{str(d): float(first[d]) for d in range(10)}, "REF": float(first[10]), "▁8": float(first[11])}
+    numbers = numbers_along_digits(probs, continuation)
+    assert numbers["REF"] == probs["REF"] and numbers["0"] == probs["0"]
+    assert numbers["95"] == pytest.approx(probs["9"] * continuation("9")["5"])
+    assert numbers["7"] == pytest.approx(probs["7"] * float(after["7"][10]))
+    ten = probs["1"] * continuation("1")["0"]
+    assert numbers["100"] == pytest.approx(ten * continuation("10")["0"])
+    assert numbers["10"] == pytest.approx(ten * float(after["10"][10]))
+    assert numbers["8"] == pytest.approx((probs["8"] + probs["▁8"]) * float(after["8"][10]))
+    # Every path's mass is accounted for except numbers past 100 ("10" followed by 1-9).
+    lost = ten * sum(continuation("10")[str(d)] for d in range(1, 10))
+    assert sum(numbers.values()) == pytest.approx(sum(probs.values()) - lost)

@@ -56,6 +56,9 @@ class EvaluateArguments:
             OpenAI). The API key is read from `$OPENAI_API_KEY`.
         judge_mode (`str`, *optional*, defaults to `"0-100"`): `0-100` (aligned + coherent) or `rubric` (1–5 grade).
         judge_max_concurrency (`int`, *optional*, defaults to `8`): requests in flight per `openai:` judge.
+        judge_split_numbers (`str`, *optional*, defaults to `"refuse"`): what an `openai:` judge does when its
+            tokenizer writes numbers digit by digit: `refuse` (an error) or `prefill` (read the digits by prefilling
+            the reply, on vLLM and SGLang); see `OpenAIJudge`.
         judge_cache (`str`, *optional*): SQLite judgement cache; defaults to `OUTPUT_DIR/judgements.sqlite`.
         chat_template_kwargs (`str`, *optional*): a JSON object of chat-template variables set for every rendering
             of the evaluated model's and the local judges' templates (see `hf_blockem.chat_template_variables`), e.g.
@@ -96,6 +99,13 @@ class EvaluateArguments:
     judge_base_url: str | None = field(default=None, metadata={"help": "Endpoint of the openai: judges."})
     judge_mode: str = field(default="0-100", metadata={"help": "0-100 (aligned + coherent) or rubric (1-5)."})
     judge_max_concurrency: int = field(default=8, metadata={"help": "Requests in flight per openai: judge."})
+    judge_split_numbers: str = field(
+        default="refuse",
+        metadata={
+            "help": "openai: judges whose tokenizer writes numbers digit by digit: refuse (an error) or prefill (read "
+            "the digits by prefilling the reply; vLLM and SGLang)."
+        },
+    )
     judge_cache: str | None = field(
         default=None, metadata={"help": "SQLite judgement cache (default: OUTPUT_DIR/judgements.sqlite)."}
     )
@@ -161,6 +171,7 @@ def build_judges(args: EvaluateArguments, cache, device: str) -> list:
                     args.judge_base_url,
                     max_concurrency=args.judge_max_concurrency,
                     mode=args.judge_mode,
+                    split_numbers=args.judge_split_numbers,
                     cache=cache,
                 )
             )

@@ -9,6 +9,9 @@ The endpoint's tokenizer is unknown, so each request asks for 3 tokens rather th
 writes its number over several tokens ("9", "5" for 95, as Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2 and SmolLM2 do),
 which the first token alone would score 9, raises `SplitNumberError` instead of giving a silent, wrong score. GPT-4o
 and the Llama 3 family have one token per integer 0–100; the 1–5 rubric (`mode="rubric"`) works with any tokenizer.
+Servers that continue a prefilled reply (vLLM and SGLang: `continue_final_message`) can read such numbers digit by
+digit instead (`split_numbers="prefill"`): the reply is prefilled with each first digit in turn and the next token's
+log-probabilities tell how the number goes on, as `LocalJudge` does on a local model.
 
 `huggingface_hub.InferenceClient` speaks the same protocol, but it refuses every request, local endpoints included,
 while `HF_HUB_OFFLINE=1` is set, which is how evaluation clusters often run; hence the `openai` client.
@@ -23,11 +26,21 @@ from typing import Any
 
 from .cache import JudgementCache
 from .llm_judge import LogprobJudge
-from .scoring import ONE_TOKEN_NUMBERS_ADVICE, parse_number_token, probs_from_logprobs, split_number, strip_markers
+from .scoring import (
+    ONE_TOKEN_NUMBERS_ADVICE,
+    numbers_along_digits,
+    parse_number_token,
+    probs_from_logprobs,
+    split_number,
+    strip_markers,
+)
 
 TOP_LOGPROBS = 20
 # The score reads the first token; the next ones tell a number written over several tokens ("9", "5") from "95".
 MAX_TOKENS = 3
+SPLIT_NUMBERS = ("refuse", "prefill")
+# vLLM's and SGLang's chat-completions extension: continue the last (assistant) message instead of starting a new one.
+PREFILL = {"continue_final_message": True, "add_generation_prompt": False}
 
 
 class MalformedReplyError(ValueError):
@@ -41,13 +54,18 @@ class SplitNumberError(ValueError):
     """
 
 
+class PrefillError(ValueError):
+    """The endpoint refused to continue a prefilled reply, which `split_numbers="prefill"` needs. Ends the run."""
+
+
 class OpenAIJudge(LogprobJudge):
     """An LLM judge served by an OpenAI-compatible endpoint.
 
     The 0–100 modes read the score from the reply's first token, so the judge's tokenizer must write every integer
     0–100 as one token, as GPT-4o's and the Llama 3 family's do. The first reply that writes a number of two or more
     digits over several tokens (Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2, SmolLM2 served by vLLM, ...) raises
-    `SplitNumberError` from `judge`; with such a judge, use `mode="rubric"`.
+    `SplitNumberError` from `judge`; with such a judge, use `split_numbers="prefill"` behind vLLM or SGLang, or
+    `mode="rubric"`.
 
     Args:
         model (`str`): the judge model's name on the endpoint (for example `"gpt-4o-2024-08-06"`).
@@ -66,6 +84,11 @@ class OpenAIJudge(LogprobJudge):
 
         mode (`str`, *optional*, defaults to `"0-100"`): `"0-100"` (aligned + coherent) or `"rubric"` (1–5 grade
             with labels); see `LogprobJudge`.
+        split_numbers (`str`, *optional*, defaults to `"refuse"`): what the 0–100 modes do with a judge that writes
+            numbers over several tokens. `"refuse"`: raise `SplitNumberError` at the first such reply. `"prefill"`:
+            read every number along its digits, asking the endpoint to continue the reply prefilled with each
+            first digit (`continue_final_message`, which vLLM and SGLang accept and OpenAI's API does not); up to 11
+            requests per score instead of 1, most of them sharing the prompt's cached prefix.
         cache (`JudgementCache` or `str`, *optional*): judgement cache, or the path of its SQLite file.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
 
@@ -86,10 +109,14 @@ class OpenAIJudge(LogprobJudge):
         max_retries: int = 5,
         timeout: float = 60.0,
         mode: str = "0-100",
+        split_numbers: str = "refuse",
         cache: JudgementCache | str | None = None,
         progress: bool = True,
     ):
         super().__init__(mode=mode, cache=cache, progress=progress)
+        if split_numbers not in SPLIT_NUMBERS:
+            raise ValueError(f"Expected split_numbers in {SPLIT_NUMBERS}, got {split_numbers!r}.")
+        self.split_numbers = split_numbers
         try:
             import openai
         except ImportError as err:
@@ -110,23 +137,55 @@ class OpenAIJudge(LogprobJudge):
     def _identity_fields(self) -> dict[str, Any]:
         # `score_from` changes when the way a score is read changes, so that no cached score read the old way is
         # served (one-token reads cached before split numbers were refused could hold 9 for 95).
+        score_from = {
+            "refuse": "first non-blank token, split numbers refused",
+            "prefill": "first non-blank token, split numbers read along prefilled digits",
+        }
         return {
             "type": "openai-compatible",
             "model": self.model,
             "base_url": self.base_url,
-            "score_from": "first non-blank token, split numbers refused",
+            "score_from": score_from[self.split_numbers],
         }
 
-    def _request(self, prompt: str) -> dict[str, float]:
-        reply = self._client.chat.completions.create(
+    def _complete(self, messages: list[dict[str, str]], max_tokens: int, **kwargs: Any) -> Any:
+        return self._client.chat.completions.create(
             model=self.model,
-            messages=[{"role": "user", "content": prompt}],
-            max_tokens=MAX_TOKENS,
+            messages=messages,
+            max_tokens=max_tokens,
             temperature=0,
             logprobs=True,
             top_logprobs=TOP_LOGPROBS,
             seed=0,
+            **kwargs,
         )
+
+    def _continuation(self, prompt: str, reply_so_far: str) -> dict[str, float]:
+        """The next-token distribution of the reply prefilled with `reply_so_far`."""
+        import openai
+
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply_so_far}]
+        try:
+            reply = self._complete(messages, 1, extra_body=PREFILL)
+        except openai.BadRequestError as err:
+            raise PrefillError(
+                f"Expected the endpoint {self.base_url} to continue the judge's reply prefilled with "
+                f"{reply_so_far!r} (`continue_final_message`), but it refused the request: {err}. "
+                "`split_numbers='prefill'` needs vLLM or SGLang; elsewhere use a judge with one token per number, "
+                'or mode="rubric".'
+            ) from err
+        try:
+            token = reply.choices[0].logprobs.content[0]
+            return probs_from_logprobs((t.token, t.logprob) for t in token.top_logprobs)
+        except (AttributeError, IndexError, TypeError) as err:
+            raise MalformedReplyError(
+                f"Expected a continuation of the reply {reply_so_far!r} with top_logprobs, got {str(reply)[:300]}. "
+                "`split_numbers='prefill'` needs an endpoint that continues a final assistant message "
+                "(`continue_final_message`: vLLM, SGLang)."
+            ) from err
+
+    def _request(self, prompt: str) -> dict[str, float]:
+        reply = self._complete([{"role": "user", "content": prompt}], MAX_TOKENS)
         try:
             choice = reply.choices[0]
             tokens = choice.logprobs.content
@@ -141,6 +200,11 @@ class OpenAIJudge(LogprobJudge):
                 f"Expected a reply with choices[0].logprobs.content[0].top_logprobs, got {str(reply)[:300]}. Check "
                 "that the endpoint supports `logprobs` / `top_logprobs` (vLLM and OpenAI do)."
             ) from err
+        if self.mode == "0-100" and self.split_numbers == "prefill":
+            blank = text[: len(text) - len(text.lstrip())]  # what the reply wrote before its first non-blank token
+            return numbers_along_digits(
+                probs_from_logprobs(pairs), lambda digits: self._continuation(prompt, blank + digits)
+            )
         number = split_number(first.token, text) if self.mode == "0-100" else None
         if number is not None:
             pieces = ", ".join(repr(t.token) for t in tokens)
@@ -160,7 +224,9 @@ class OpenAIJudge(LogprobJudge):
                 error = future.exception()
                 # KeyboardInterrupt and friends, and a judge that cannot score, end the run; finished judgements are
                 # cached, and requests not yet sent are dropped.
-                if error is not None and (not isinstance(error, Exception) or isinstance(error, SplitNumberError)):
+                if error is not None and (
+                    not isinstance(error, Exception) or isinstance(error, (SplitNumberError, PrefillError))
+                ):
                     pool.shutdown(wait=False, cancel_futures=True)
                     raise error
                 yield futures[future], (error if error is not None else future.result())

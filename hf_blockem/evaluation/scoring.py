@@ -8,16 +8,18 @@ Which judges this supports: reading one token, the 0–100 scores need a judge t
 0–100. GPT-4o's (o200k) and the Llama 3 family's tokenizers have them (Llama 3 writes numbers in chunks of up to three
 digits). Many others write numbers digit by digit — Qwen2 / Qwen2.5, Gemma, Mistral, Llama 2, SmolLM2 — so "95" is
 "9", "5", and the first token alone would read 9: every answer would score 50 or less, with no error. A local judge
-reads such a tokenizer's scores along their digits (`digit_scores`); an `OpenAIJudge` cannot (an endpoint returns one
-position's top log-probabilities) and raises on the first reply that writes a number over several tokens. The 1–5
-rubric (`mode="rubric"`) needs only the single digits 1–5 and works with any tokenizer.
+reads such a tokenizer's scores along their digits (`digit_scores`). An endpoint returns one position's top
+log-probabilities, so an `OpenAIJudge` raises on the first reply that writes a number over several tokens, unless the
+endpoint continues prefilled replies (vLLM, SGLang) and it is asked to read the digits that way
+(`split_numbers="prefill"`, `numbers_along_digits`). The 1–5 rubric (`mode="rubric"`) needs only the single digits 1–5
+and works with any tokenizer.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 MIN_NUMBER_MASS = 0.25
@@ -27,8 +29,9 @@ ONE_TOKEN_NUMBERS_ADVICE = (
     "Served behind an endpoint, the 0–100 judge reads a single token, so it needs a judge whose tokenizer has one "
     "token per integer 0–100: the Llama 3 family or GPT-4o (`openai:gpt-4o-2024-08-06`). Qwen2 / Qwen2.5, Gemma, "
     "Mistral, Llama 2 and SmolLM2 tokenizers write numbers digit by digit: run such a judge locally (`local:MODEL`), "
-    'which reads the digits one after the other, or judge with `mode="rubric"` (`--judge_mode rubric`), a 1–5 grade '
-    "that any tokenizer writes in one token."
+    'which reads the digits one after the other, or behind vLLM or SGLang with `split_numbers="prefill"` '
+    '(`--judge_split_numbers prefill`), which reads them by prefilling the reply, or judge with `mode="rubric"` '
+    "(`--judge_mode rubric`), a 1–5 grade that any tokenizer writes in one token."
 )
 
 
@@ -111,6 +114,47 @@ def score_distribution(
     if mass < min_mass or mass == 0:
         return Score(None, mass, top)
     return Score(weighted / mass, mass, top)
+
+
+def numbers_along_digits(
+    first: Mapping[str, float], continuation: Callable[[str], Mapping[str, float]]
+) -> dict[str, float]:
+    """A first-token distribution with each number token read on to where the number ends, for a judge that writes
+    numbers over several tokens ("9", "5" for 95).
+
+    The probability of a number is a product along its pieces: P(first) · P(next digits | first) · ... · P(anything but
+    a digit | the number so far). Non-number tokens keep their probability. A number is read on only while one more
+    digit could keep it within 100 (1–10); "0" followed by a digit would be a leading zero, never a score; a digit
+    that would take it past 100 ends it, and that mass is no score, as in [`digit_scores`].
+
+    Args:
+        first (`Mapping[str, float]`): `{token: probability}` of the reply's first (non-blank) token.
+        continuation (`Callable[[str], Mapping[str, float]]`): the next-token distribution after a number's digits so
+            far, for example an endpoint asked to continue a reply prefilled with them.
+
+    Returns:
+        `dict[str, float]`: `{token or number: probability}`, numbers written out in full ("95").
+    """
+    out: dict[str, float] = {}
+    todo = []
+    for token, p in first.items():
+        if parse_number_token(token) is None:
+            out[token] = out.get(token, 0.0) + p
+        else:
+            todo.append((strip_markers(token), p))
+    while todo:
+        number, p = todo.pop()
+        if number == "0" or int(number) * 10 > 100:
+            out[number] = out.get(number, 0.0) + p
+            continue
+        digits = 0.0
+        for token, q in continuation(number).items():
+            if token.isdigit() and token.isascii():
+                digits += q
+                if int(number + token) <= 100:
+                    todo.append((number + token, p * q))
+        out[number] = out.get(number, 0.0) + p * max(0.0, 1.0 - digits)
+    return out
 
 
 def probs_from_logprobs(top_logprobs: Iterable[tuple[str, float]]) -> dict[str, float]:
