@@ -12,6 +12,7 @@ from tiny_models import HIDDEN, LORA_TARGETS, WORDS, tiny_chat_tokenizer, tiny_m
 from hf_blockem.evaluation.generation import Steering, steer
 from hf_blockem.evaluation.judge_base import ALIGNED, INCOHERENT, MISALIGNED, Judgement
 from hf_blockem.selection import (
+    ProbeResult,
     SelectionConfig,
     SteeringProbe,
     activation_shifts,
@@ -440,6 +441,38 @@ def test_calibrated_strength_stops_below_the_first_that_breaks_the_budget():
     assert shuffled.repair_multiplier == 1.0
     first_fails = Calibration(candidate, [1.0, 2.0], [repair[1], repair[0]], None, 0.10, base, misaligned)
     assert first_fails.repair_multiplier is None and first_fails.alpha == 0.0
+
+
+class SweepProbe:
+    """Stands in for `SteeringProbe` in a test of the sweep order alone: its rates are a table by steering strength."""
+
+    def __init__(self, em, incoherence):
+        self.em, self.incoherence, self.asked = em, incoherence, []
+
+    def measure(self, steering=None):
+        strength = 0.0 if steering is None else abs(steering.alpha)
+        self.asked.append(strength)
+        return ProbeResult(self.em[strength], self.incoherence[strength], 100)
+
+
+@pytest.mark.parametrize("full_sweep", [False, True])
+def test_calibration_sweeps_upwards_and_stops_after_the_first_strength_over_the_budget(full_sweep):
+    from hf_blockem.selection import Candidate, calibrate
+
+    em = {0.0: 0.40, 1.0: 0.30, 2.0: 0.20, 4.0: 0.0, 8.0: 0.0}
+    # The misaligned model is 5% incoherent, so the limit is 15%: strength 2 breaks it, 4 passes again by luck.
+    misaligned = SweepProbe(em, {0.0: 0.05, 1.0: 0.10, 2.0: 0.30, 4.0: 0.12, 8.0: 0.9})
+    base = SweepProbe({m: 0.0 for m in em}, {0.0: 0.02, 1.0: 0.02, 2.0: 0.05, 4.0: 0.08, 8.0: 0.5})
+    candidate = Candidate(7, 1, 0.5, 1.0, torch.zeros(HIDDEN))
+    (c,) = calibrate([candidate], 0, base, misaligned, multipliers=(8, 1, 4, 2), full_sweep=full_sweep, progress=False)
+    steered = [m for m in misaligned.asked if m > 0]
+    assert steered == ([1.0, 2.0, 4.0, 8.0] if full_sweep else [1.0, 2.0])  # upwards, and no further than needed
+    assert [m for m in base.asked if m > 0] == [1.0, 2.0, 4.0, 8.0]  # the base breaks its limit (12%) only at 8
+    assert c.multipliers == [1.0, 2.0, 4.0, 8.0] and len(c.repair) == len(steered)
+    # Either way the calibrated strengths are the same: the largest below the first over the budget.
+    assert c.repair_multiplier == 1.0 and c.repair_efficiency() == pytest.approx(0.10)
+    assert c.induce_multiplier == 4.0
+    assert c.to_dict(c.base, c.misaligned)["repair_multiplier"] == 1.0
 
 
 def test_ranking_keeps_the_top_n_repairers_and_prefilter_also_asks_for_induction():

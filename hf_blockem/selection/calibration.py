@@ -4,7 +4,8 @@ For each shortlisted latent, sweep the steering multiplier; its calibrated stren
 stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
 unsteered. Incoherence grows with the strength, so the sweep is read upwards and stops at the first strength that
 breaks the budget: a larger one that passes again did so by sampling luck, and would be ranked on a repair bought
-with incoherence. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
+with incoherence. The strengths above it are therefore not measured (`full_sweep=True` measures them for the plots),
+which saves a generation and a judging pass per strength, per latent and per model. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
 incoherent already and steering is charged only for the incoherence it adds; `relative=False` is the paper's code's
 absolute rule, at most `budget` of all answers incoherent.) Repair efficiency = EM of the misaligned model
 at α = 0 minus its EM when steered away at the calibrated strength. The shortlist (Stage 2's survivors) is ranked by
@@ -35,7 +36,7 @@ class Calibration:
 
     candidate: Candidate
     multipliers: list[float]
-    repair: list[ProbeResult]
+    repair: list[ProbeResult]  # repair[i] at multipliers[i]; shorter when the sweep stopped at the budget
     induce: list[ProbeResult] | None
     budget: float
     base: ProbeResult
@@ -113,27 +114,44 @@ def calibrate(
     budget: float = 0.10,
     relative_budget: bool = True,
     induce: bool = True,
+    full_sweep: bool = False,
     progress: bool = True,
 ) -> list[Calibration]:
     """Sweeps every shortlisted latent over `multipliers`, repairing the misaligned model (and inducing on the base).
 
     `budget` is the most incoherence (a share of answers) steering may add to the unsteered model's own, or with
-    `relative_budget=False` the most incoherence it may give at all.
+    `relative_budget=False` the most incoherence it may give at all. Each sweep stops after the first strength that
+    breaks the budget, unless `full_sweep`.
     """
     multipliers = sorted(float(m) for m in multipliers)
     base, misaligned = base_probe.measure(), misaligned_probe.measure()  # cached: the unsteered baselines
     calibrations = []
     for candidate in tqdm(shortlist, disable=not progress, desc=f"calibrate layer {layer}"):
-        repair = [misaligned_probe.measure(candidate.steering(layer, m, toward_misaligned=False)) for m in multipliers]
-        induced = (
-            [base_probe.measure(candidate.steering(layer, m, toward_misaligned=True)) for m in multipliers]
-            if induce
-            else None
+        sweep = Calibration(
+            candidate, multipliers, [], [] if induce else None, budget, base, misaligned, relative_budget
         )
-        calibrations.append(
-            Calibration(candidate, multipliers, repair, induced, budget, base, misaligned, relative=relative_budget)
-        )
+        _measure_upwards(sweep, sweep.repair, misaligned_probe, layer, toward_misaligned=False, full=full_sweep)
+        if induce:
+            _measure_upwards(sweep, sweep.induce, base_probe, layer, toward_misaligned=True, full=full_sweep)
+        calibrations.append(sweep)
     return calibrations
+
+
+def _measure_upwards(
+    sweep: Calibration,
+    results: list[ProbeResult],
+    probe: SteeringProbe,
+    layer: int,
+    *,
+    toward_misaligned: bool,
+    full: bool,
+) -> None:
+    """Appends `probe`'s result at each strength of `sweep`, in increasing order, up to the first over the budget."""
+    limit = sweep.incoherence_limit(probe.measure())  # the probe's unsteered result, cached
+    for m in sweep.multipliers:
+        results.append(probe.measure(sweep.candidate.steering(layer, m, toward_misaligned=toward_misaligned)))
+        if results[-1].incoherence_rate > limit and not full:
+            return
 
 
 def rank_and_select(

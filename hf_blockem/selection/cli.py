@@ -68,6 +68,9 @@ class SelectArguments:
     relative_budget: bool = field(
         default=True, metadata={"help": "False: the budget is an absolute share of incoherent answers (the paper's)."}
     )
+    full_sweep: bool = field(
+        default=False, metadata={"help": "Measure every Stage-3 strength, not only up to the first over the budget."}
+    )
     rule: str = field(default="induce_and_repair", metadata={"help": "induce_and_repair or repair_only."})
     prefilter: bool = field(
         default=False, metadata={"help": "Stage 3 also asks for induction at a latent's calibrated strength."}

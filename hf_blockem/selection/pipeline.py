@@ -42,6 +42,9 @@ class SelectionConfig:
             calibrated strength may add to the unsteered model's own.
         relative_budget (`bool`, *optional*, defaults to `True`): `False` makes the budget an absolute share of
             incoherent answers (the paper's code: at most 10%), whatever the unsteered model's own.
+        full_sweep (`bool`, *optional*, defaults to `False`): Stage 3 measures every strength of `multipliers`; by
+            default each sweep stops after the first strength over the incoherence budget, as no larger one is ever
+            calibrated.
         rule (`str`, *optional*, defaults to `"induce_and_repair"`): `"induce_and_repair"` (the paper's rule) or
             `"repair_only"`.
         prefilter (`bool`, *optional*, defaults to `False`): under `"induce_and_repair"`, Stage 3 also asks for
@@ -63,6 +66,7 @@ class SelectionConfig:
     multipliers: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
     incoherence_budget: float = 0.10
     relative_budget: bool = True
+    full_sweep: bool = False
     rule: str = "induce_and_repair"
     prefilter: bool = False
     fallback_to_repair_only: bool = True
@@ -304,6 +308,7 @@ def select_layer(
         multipliers=config.multipliers,
         budget=config.incoherence_budget,
         relative_budget=config.relative_budget,
+        full_sweep=config.full_sweep,
         progress=progress,
     )
     selected = rank_and_select(

@@ -55,8 +55,9 @@ def _plot_layer(run: LayerSelection, output_dir: Path) -> list[str]:
         for c in run.calibrations:
             label = f"{c.candidate.latent}{'+' if c.candidate.sign > 0 else '−'}"
             style = "-" if c.candidate.latent in selected else ":"
-            left.plot(c.multipliers, [r.em_rate for r in c.repair], style, marker="o", markersize=3, label=label)
-            right.plot(c.multipliers, [r.incoherence_rate for r in c.repair], style, marker="o", markersize=3)
+            measured = c.multipliers[: len(c.repair)]  # the sweep stops after the first strength over the budget
+            left.plot(measured, [r.em_rate for r in c.repair], style, marker="o", markersize=3, label=label)
+            right.plot(measured, [r.incoherence_rate for r in c.repair], style, marker="o", markersize=3)
         first = run.calibrations[0]
         label = f"budget (+{first.budget:.0%})" if first.relative else f"budget ({first.budget:.0%})"
         right.axhline(first.incoherence_limit(mis), color="tab:red", linestyle="--", linewidth=1, label=label)
