@@ -2,18 +2,20 @@
 
 For each shortlisted latent, sweep the steering multiplier; its calibrated strength is the largest one whose answers
 stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
-unsteered. Incoherence grows with the strength, so the sweep is read upwards and stops at the first strength that
-breaks the budget: a larger one that passes again did so by sampling luck, and would be ranked on a repair bought
-with incoherence. The strengths above it are therefore not measured (`full_sweep=True` measures them for the plots),
-which saves a generation and a judging pass per strength, per latent and per model. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
+unsteered. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
 incoherent already and steering is charged only for the incoherence it adds; `relative=False` is the paper's code's
-absolute rule, at most `budget` of all answers incoherent.) Repair efficiency = EM of the misaligned model
-at α = 0 minus its EM when steered away at the calibrated strength. The shortlist (Stage 2's survivors) is ranked by
-repair efficiency and the top N are kept, as in the paper's main procedure; N is the most kept, because a latent
-whose calibrated strength does not lower EM (or which has no strength inside the budget) has shown nothing to block.
-With `prefilter=True` and the `"induce_and_repair"` rule a latent must also show non-zero induction at its calibrated
-strength, the paper's stricter variant; with a few dozen answers per measurement that pre-filter mostly tests
-sampling noise.
+absolute rule, at most `budget` of all answers incoherent.) Incoherence grows with the strength, so the sweep is read
+upwards and stops at the first strength that breaks the budget: a larger one that passes again did so by sampling
+luck, and would be ranked on a repair bought with incoherence. The strengths above it are therefore not measured
+(`full_sweep=True` measures them for the plots), which saves a generation and a judging pass per strength, latent and
+model.
+
+Repair efficiency = EM of the misaligned model at α = 0 minus its EM when steered away at the calibrated strength. The
+shortlist (Stage 2's survivors) is ranked by repair efficiency and the top N are kept, as in the paper's main
+procedure; N is the most kept, because a latent whose calibrated strength does not lower EM (or which has no strength
+inside the budget) has shown nothing to block. With `prefilter=True` and the `"induce_and_repair"` rule a latent must
+also show non-zero induction at its calibrated strength, the paper's stricter variant; with a few dozen answers per
+measurement that pre-filter mostly tests sampling noise.
 """
 
 from __future__ import annotations
@@ -130,9 +132,11 @@ def calibrate(
         sweep = Calibration(
             candidate, multipliers, [], [] if induce else None, budget, base, misaligned, relative_budget
         )
-        _measure_upwards(sweep, sweep.repair, misaligned_probe, layer, toward_misaligned=False, full=full_sweep)
+        _measure_upwards(
+            sweep, sweep.repair, misaligned_probe, misaligned, layer, toward_misaligned=False, full=full_sweep
+        )
         if induce:
-            _measure_upwards(sweep, sweep.induce, base_probe, layer, toward_misaligned=True, full=full_sweep)
+            _measure_upwards(sweep, sweep.induce, base_probe, base, layer, toward_misaligned=True, full=full_sweep)
         calibrations.append(sweep)
     return calibrations
 
@@ -141,13 +145,14 @@ def _measure_upwards(
     sweep: Calibration,
     results: list[ProbeResult],
     probe: SteeringProbe,
+    unsteered: ProbeResult,
     layer: int,
     *,
     toward_misaligned: bool,
     full: bool,
 ) -> None:
     """Appends `probe`'s result at each strength of `sweep`, in increasing order, up to the first over the budget."""
-    limit = sweep.incoherence_limit(probe.measure())  # the probe's unsteered result, cached
+    limit = sweep.incoherence_limit(unsteered)
     for m in sweep.multipliers:
         results.append(probe.measure(sweep.candidate.steering(layer, m, toward_misaligned=toward_misaligned)))
         if results[-1].incoherence_rate > limit and not full:
