@@ -453,6 +453,9 @@ def test_compiled_base_pass_trains_like_the_eager_one(tmp_path, base_dir, mode):
             base_activations=mode,
             base_model_name_or_path=base_dir,
             base_activations_compile=compile_mode,
+            # SGD, so that the runs compare gradients: AdamW turns an embedding row's near-zero gradient into an update
+            # of ±lr whose sign is rounding noise (0.006 apart on AMD EPYC's kernels, and the penalties 0.4% by step 4).
+            optim="sgd",
         )
         trainer.add_callback(_AddLayerZeroAtStep2(trainer))
         trainer.train()
@@ -473,7 +476,7 @@ def test_compiled_base_pass_trains_like_the_eager_one(tmp_path, base_dir, mode):
     for key, values in eager.items():
         assert compiled[key] == pytest.approx(values, rel=1e-4, abs=1e-7), key
     for name, param in eager_params.items():
-        torch.testing.assert_close(compiled_params[name], param, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(compiled_params[name], param, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("mode", ["reference", "cache"])

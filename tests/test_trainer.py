@@ -543,6 +543,9 @@ def _compiled_or_eager_run(tmp_path, compile: bool):
         per_device_train_batch_size=2,
         max_steps=6,
         block_lambda=5.0,
+        # SGD, so that the runs compare gradients: AdamW turns a near-zero gradient into an update of ±lr whose sign
+        # is rounding noise, and the runs then drift apart (penalties 1e-4 apart by step 6 on AMD EPYC's kernels).
+        optim="sgd",
         **compile_args,
     )
     recorder = _AddLayerAtStep2(trainer)
@@ -559,16 +562,9 @@ def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
     def penalties(trainer, key):
         return [e[key] for e in trainer.state.log_history if key in e]
 
-    def assert_penalties_close(key, steps, rel):  # steps: a slice of the logged steps
-        # Equal up to fp32 rounding relative to the run's largest penalty: as training drives a penalty towards 0 it
-        # becomes a small difference of larger numbers (7.5e-8 on 0.0045 against eager, on AMD EPYC's kernels).
-        expected = penalties(eager, key)[steps]
-        tolerance = rel * max(penalties(eager, key))
-        assert penalties(compiled, key)[steps] == pytest.approx(expected, rel=rel, abs=tolerance), key
-
     # The penalty under compile equals eager's, also at the layer added (with a new hook) after compilation.
     for key in ("blockem/penalty", "blockem/layer_1/penalty", "blockem/layer_0/penalty"):
-        assert_penalties_close(key, slice(None), rel=1e-5)
+        assert penalties(compiled, key) == pytest.approx(penalties(eager, key), rel=1e-5), key
     assert len(penalties(compiled, "blockem/layer_0/penalty")) == 4 and penalties(compiled, "blockem/penalty")[0] > 0
     assert_updates_close(eager_params, compiled_params, rel=1e-5)
     # Hooks are registered once per watched layer while training, not per step; removed afterwards.
@@ -593,7 +589,7 @@ def test_torch_compile_matches_eager_with_hooks_registered_once(tmp_path):
         trainer.remove_callback(_AddLayerAtStep2)  # its layer is in the set now
         trainer.train()
     for key in ("blockem/penalty", "blockem/layer_0/penalty"):
-        assert_penalties_close(key, slice(-6, None), rel=1e-4)  # the second run's six steps
+        assert penalties(compiled, key)[-6:] == pytest.approx(penalties(eager, key)[-6:], rel=1e-4), key
     assert counters["stats"]["unique_graphs"] == graphs_after_eval
     assert _hook_count(compiled.model) == _hook_count(lora_model())
 
