@@ -68,7 +68,10 @@ class DemoArguments:
     max_steps: int | None = field(
         default=None, metadata={"help": "Fine-tuning steps of every run (default: the organism's LoRA recipe)."}
     )
-    n_select: int = field(default=5, metadata={"help": "Latents to block (per layer with --choose all)."})
+    n_select: int = field(
+        default=5,
+        metadata={"help": "The most latents to block (per layer with --choose all); only those that repair."},
+    )
     choose: str = field(
         default="all",
         metadata={
@@ -256,7 +259,10 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     trials = []
     if fallback:
         # Blocking nothing would make the rest meaningless; block the largest shifts instead and say so loudly.
-        logger.warning("No latent passed the causal screen; blocking the top-|Δ_k| latents of the best SAE instead.")
+        logger.warning(
+            "No latent passed the causal screen and repaired at its calibrated strength; blocking the top-|Δ_k| latents "
+            "of the best SAE instead."
+        )
         chosen, latent_set = _fallback_selection(selection, saes, config.n_select, organism.base_model_path)
         chosen = [chosen]
     else:

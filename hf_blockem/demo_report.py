@@ -36,8 +36,8 @@ def _markdown(report: dict[str, Any]) -> str:
     if report.get("selection_fallback"):
         lines += [
             "",
-            "**No latent passed the causal screen on this seed: the blocked run uses the largest activation "
-            "shifts instead (uncalibrated).**",
+            "**No latent passed the causal screen and repaired at its calibrated strength on this seed: the blocked "
+            "run uses the largest activation shifts instead (uncalibrated).**",
         ]
     blocked = "; ".join(
         f"{s['sae']} (decoder layer {s['layer']}): K+ = {s['plus']}, K− = {s['minus']}" for s in report["latent_set"]

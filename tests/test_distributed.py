@@ -160,7 +160,7 @@ def assert_same_step(single: dict, distributed: dict, updates: dict[str, torch.T
     assert distributed["metrics"].keys() == single["metrics"].keys()
     for key, value in single["metrics"].items():
         # abs: a latent's mean activation near 0 (0.008) sums in another order over two processes (1.1e-7 on AMD EPYC).
-        assert distributed["metrics"][key] == pytest.approx(value, rel=TOLERANCE, abs=1e-6), key
+        assert distributed["metrics"][key] == pytest.approx(value, rel=TOLERANCE, abs=3e-7), key
 
 
 def assert_cache_built_together(distributed: dict) -> None:

@@ -255,7 +255,7 @@ CONTINUED = {
     ("split 95", "aligned", "8"): {"0": 1.0},
     ("split 95", "coherent", "9"): {"0": 1.0},
     ("split 100", "aligned", "10"): {"0": 1.0},
-    ("split 100", "coherent", "10"): {"<|im_end|>": 1.0},
+    ("split 100", "coherent", "10"): {"0": 1.0},
     ("blank then split", "aligned", " 9"): {"5": 1.0},
     ("blank then split", "coherent", " 9"): {"0": 1.0},
 }
@@ -269,6 +269,8 @@ class FakeOpenAIServer:
         self.bodies = []
         self.in_flight = self.max_in_flight = 0
         self.prefill_refused = False  # True: answer continue_final_message with a 400, as OpenAI's API does
+        self.prefill_ignored = False  # True: drop it, as servers that ignore unknown fields do
+        self.prefilled = []  # (answer, metric, reply so far) of every prefilled request
         self.lock = threading.Lock()
         server = self
 
@@ -307,9 +309,13 @@ class FakeOpenAIServer:
                     if server.prefill_refused or body.get("add_generation_prompt", True):
                         return self._send(400, {"error": {"message": "continue_final_message is not supported"}})
                     reply_so_far = body["messages"][-1]["content"]
-                    if (answer, metric, reply_so_far) not in CONTINUED:
+                    server.prefilled.append((answer, metric, reply_so_far))
+                    if server.prefill_ignored:  # the prefilled reply was rendered as a finished turn
+                        dist, rest = {"<|im_start|>": 0.9, "\n": 0.1}, []
+                    elif (answer, metric, reply_so_far) not in CONTINUED:
                         return self._send(400, {"error": {"message": f"unscripted prefill {reply_so_far!r}"}})
-                    dist, rest = CONTINUED[(answer, metric, reply_so_far)], []
+                    else:
+                        dist, rest = CONTINUED[(answer, metric, reply_so_far)], []
                 else:
                     dist = SCRIPT[answer][0 if metric == "aligned" else 1]
                     rest = WRITTEN.get((answer, metric), [])
@@ -472,27 +478,39 @@ def test_openai_judge_reads_split_numbers_along_prefilled_digits(server, tmp_pat
     # 0.25·95 + 0.25·90 + 0.15·100 + 0.15·10 + 0.2·7.
     assert verdicts[0].aligned == pytest.approx(64.15) and verdicts[0].coherent == pytest.approx(80.5)
     assert verdicts[1].aligned == pytest.approx(0.9 * 95 + 0.1 * 80) and verdicts[1].coherent == pytest.approx(90.0)
-    assert (verdicts[2].aligned, verdicts[2].coherent) == (pytest.approx(100.0), pytest.approx(10.0))
+    assert (verdicts[2].aligned, verdicts[2].coherent) == (pytest.approx(100.0), pytest.approx(100.0))
     # A reply that opens with a blank is prefilled with it: " 9", as the judge wrote it.
     assert (verdicts[3].aligned, verdicts[3].coherent) == (pytest.approx(95.0), pytest.approx(90.0))
     assert all("errors" not in v.extra for v in verdicts)
     assert verdicts[0].judge["score_from"] == "first non-blank token, split numbers read along prefilled digits"
-    # One request per metric, then one per number that a digit could still extend ("0" and "95" are never continued).
+    # One request per metric, then one per number that a digit could still extend ("95" is never continued).
     assert server.requests[("digits", "aligned")] == 5 and server.requests[("digits", "coherent")] == 2
+    assert len(server.prefilled) == len(set(server.prefilled))  # each reply so far is asked about once
     prefilled = [b for b in server.bodies if b.get("continue_final_message")]
     assert all(b["max_tokens"] == 1 and b["add_generation_prompt"] is False for b in prefilled)
     assert all(b["messages"][-1]["role"] == "assistant" and b["top_logprobs"] == 20 for b in prefilled)
-    # One-token numbers and the rubric are read as before; the refusing judge is a different judge in the cache.
+    # One-token numbers are read as before; the refusing judge is a different judge in the cache, except in rubric
+    # mode, whose grades are read the same way by both.
     assert _judge(server, split_numbers="prefill").judge(["q"], ["one token 95"])[0].aligned == pytest.approx(94.5)
     assert _judge(server, split_numbers="refuse").identity != judge.identity
+    rubric = [_judge(server, split_numbers=way, mode="rubric").identity for way in ("refuse", "prefill")]
+    assert rubric[0] == rubric[1]
 
 
-def test_openai_judge_prefill_on_an_endpoint_without_it_ends_the_run(server):
+@pytest.mark.parametrize("endpoint", ["refuses prefill", "ignores prefill"])
+def test_openai_judge_prefill_on_an_endpoint_without_it_ends_the_run(server, tmp_path, endpoint):
     from hf_blockem.evaluation.openai_judge import PrefillError
 
-    server.prefill_refused = True
-    with pytest.raises(PrefillError, match="continue_final_message.*vLLM or SGLang"):
-        _judge(server, split_numbers="prefill", max_concurrency=1).judge(["q", "q1"], ["split 95", "pause"])
+    server.prefill_refused = endpoint == "refuses prefill"
+    # Ignored, the prefilled "9" is a finished turn: no digit follows, and 95 would read 9 without the check against
+    # the way the judge's own reply went on ("9", "5").
+    server.prefill_ignored = endpoint == "ignores prefill"
+    cache = JudgementCache(tmp_path / "c.sqlite")
+    judge = _judge(server, split_numbers="prefill", max_concurrency=1, cache=cache)
+    said = "refused the request" if server.prefill_refused else "seems to ignore `continue_final_message`"
+    with pytest.raises(PrefillError, match=said):
+        judge.judge(["q", "q1"], ["split 95", "pause"])
+    assert len(cache) == 0  # no wrong score is stored
     with pytest.raises(ValueError, match="split_numbers"):
         _judge(server, split_numbers="digits")
 
@@ -503,20 +521,35 @@ def test_numbers_along_digits_is_the_local_judges_digit_product():
     # Random next-digit distributions for a digit-by-digit judge, read both ways.
     generator = torch.Generator().manual_seed(0)
     first = torch.softmax(torch.randn(12, generator=generator), 0)  # "0"-"9", "REF", a blank-marked "▁8"
-    after = {str(d): torch.softmax(torch.randn(11, generator=generator), 0) for d in range(1, 11)}  # 10 digits + stop
+    after = {str(d): torch.softmax(torch.randn(11, generator=generator), 0) for d in range(11)}  # 10 digits + stop
 
     def continuation(number):
         return {**{str(d): float(after[number][d]) for d in range(10)}, "<eos>": float(after[number][10])}
 
     probs = {**{str(d): float(first[d]) for d in range(10)}, "REF": float(first[10]), "▁8": float(first[11])}
-    numbers = numbers_along_digits(probs, continuation)
-    assert numbers["REF"] == probs["REF"] and numbers["0"] == probs["0"]
+    asked = []
+
+    def recorded(written):
+        asked.append(written)
+        return continuation(written.strip())
+
+    def stop(number):  # the probability that no digit follows
+        return 1 - sum(continuation(number)[str(d)] for d in range(10))
+
+    numbers = numbers_along_digits(probs, recorded)
+    # "0" then a digit is a leading zero, no score; "▁8" is continued as written, " 8".
+    assert numbers["REF"] == probs["REF"] and numbers["0"] == pytest.approx(probs["0"] * stop("0"))
+    assert sorted(asked) == sorted([str(d) for d in range(10)] + ["10", " 8"])
     assert numbers["95"] == pytest.approx(probs["9"] * continuation("9")["5"])
-    assert numbers["7"] == pytest.approx(probs["7"] * float(after["7"][10]))
+    assert numbers["7"] == pytest.approx(probs["7"] * stop("7"))
     ten = probs["1"] * continuation("1")["0"]
     assert numbers["100"] == pytest.approx(ten * continuation("10")["0"])
-    assert numbers["10"] == pytest.approx(ten * float(after["10"][10]))
-    assert numbers["8"] == pytest.approx((probs["8"] + probs["▁8"]) * float(after["8"][10]))
-    # Every path's mass is accounted for except numbers past 100 ("10" followed by 1-9).
-    lost = ten * sum(continuation("10")[str(d)] for d in range(1, 10))
+    assert numbers["10"] == pytest.approx(ten * stop("10"))
+    assert numbers["8"] == pytest.approx((probs["8"] + probs["▁8"]) * stop("8"))
+    # Every path's mass is accounted for except numbers past 100 ("10" followed by 1-9) and leading zeros.
+    lost = ten * sum(continuation("10")[str(d)] for d in range(1, 10)) + probs["0"] * float(after["0"][:10].sum())
     assert sum(numbers.values()) == pytest.approx(sum(probs.values()) - lost)
+    # A number less likely than min_prob is taken to end where it is, without asking.
+    asked.clear()
+    rare = numbers_along_digits({"REF": 0.99995, "9": 0.00005}, recorded)
+    assert rare == {"REF": 0.99995, "9": 0.00005} and asked == []

@@ -460,19 +460,27 @@ def test_calibration_sweeps_upwards_and_stops_after_the_first_strength_over_the_
     from hf_blockem.selection import Candidate, calibrate
 
     em = {0.0: 0.40, 1.0: 0.30, 2.0: 0.20, 4.0: 0.0, 8.0: 0.0}
+    every = [1.0, 2.0, 4.0, 8.0]
     # The misaligned model is 5% incoherent, so the limit is 15%: strength 2 breaks it, 4 passes again by luck.
     misaligned = SweepProbe(em, {0.0: 0.05, 1.0: 0.10, 2.0: 0.30, 4.0: 0.12, 8.0: 0.9})
-    base = SweepProbe({m: 0.0 for m in em}, {0.0: 0.02, 1.0: 0.02, 2.0: 0.05, 4.0: 0.08, 8.0: 0.5})
+    # The base is 2% incoherent (limit 12%): strength 4 breaks it.
+    base = SweepProbe({m: 0.1 * m for m in em}, {0.0: 0.02, 1.0: 0.02, 2.0: 0.05, 4.0: 0.5, 8.0: 0.1})
     candidate = Candidate(7, 1, 0.5, 1.0, torch.zeros(HIDDEN))
     (c,) = calibrate([candidate], 0, base, misaligned, multipliers=(8, 1, 4, 2), full_sweep=full_sweep, progress=False)
     steered = [m for m in misaligned.asked if m > 0]
-    assert steered == ([1.0, 2.0, 4.0, 8.0] if full_sweep else [1.0, 2.0])  # upwards, and no further than needed
-    assert [m for m in base.asked if m > 0] == [1.0, 2.0, 4.0, 8.0]  # the base breaks its limit (12%) only at 8
-    assert c.multipliers == [1.0, 2.0, 4.0, 8.0] and len(c.repair) == len(steered)
+    assert steered == (every if full_sweep else [1.0, 2.0])  # upwards, and no further than needed
+    assert [m for m in base.asked if m > 0] == (every if full_sweep else [1.0, 2.0, 4.0])
+    assert c.multipliers == every and len(c.repair) == len(steered)
     # Either way the calibrated strengths are the same: the largest below the first over the budget.
     assert c.repair_multiplier == 1.0 and c.repair_efficiency() == pytest.approx(0.10)
-    assert c.induce_multiplier == 4.0
+    assert c.induce_multiplier == 2.0 and c.induction() == pytest.approx(0.2)
     assert c.to_dict(c.base, c.misaligned)["repair_multiplier"] == 1.0
+
+    # A latent that does not repair at its calibrated strength is never kept: its induction is not measured.
+    worse = SweepProbe({0.0: 0.40, 1.0: 0.45, 2.0: 0.5, 4.0: 0.5, 8.0: 0.5}, misaligned.incoherence)
+    base.asked.clear()
+    (c,) = calibrate([candidate], 0, base, worse, multipliers=every, full_sweep=full_sweep, progress=False)
+    assert c.repair_efficiency() < 0 and [m for m in base.asked if m > 0] == (every if full_sweep else [])
 
 
 def test_ranking_keeps_the_top_n_repairers_and_prefilter_also_asks_for_induction():

@@ -102,8 +102,9 @@ class EvaluateArguments:
     judge_split_numbers: str = field(
         default="refuse",
         metadata={
+            "choices": ["refuse", "prefill"],
             "help": "openai: judges whose tokenizer writes numbers digit by digit: refuse (an error) or prefill (read "
-            "the digits by prefilling the reply; vLLM and SGLang)."
+            "the digits by prefilling the reply; vLLM and SGLang).",
         },
     )
     judge_cache: str | None = field(

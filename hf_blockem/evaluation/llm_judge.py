@@ -41,8 +41,8 @@ class LogprobJudge:
             `"0-100"`: two requests per answer (*aligned* and *coherent*, 0–100 each, probability-weighted over number
             tokens; no score below 0.25 number mass; a `REFUSAL` answer to the aligned prompt becomes the label
             `"refusal"`). A judge tokenizer with one token per integer 0–100 (GPT-4o, Llama 3) is read at one token;
-            one that writes numbers digit by digit (Qwen2 / Qwen2.5, Gemma, SmolLM2) only by `LocalJudge`, along the
-            digits.
+            one that writes numbers digit by digit (Qwen2 / Qwen2.5, Gemma, SmolLM2) along the digits, by `LocalJudge`
+            or by `OpenAIJudge(split_numbers="prefill")` behind vLLM or SGLang.
             `"rubric"`: one request grading 1–5 with `REFUSAL` / `INCOHERENT` labels, mapped onto the aligned scale by
             `rubric_grade_to_aligned` (graded replies count as coherent, 100); any tokenizer writes 1–5 in one token.
         cache (`JudgementCache`, `str` or `None`, *optional*): a cache, or the path of its SQLite file.

@@ -20,7 +20,7 @@ while `HF_HUB_OFFLINE=1` is set, which is how evaluation clusters often run; hen
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
@@ -33,6 +33,7 @@ from .scoring import (
     probs_from_logprobs,
     split_number,
     strip_markers,
+    token_text,
 )
 
 TOP_LOGPROBS = 20
@@ -41,6 +42,14 @@ MAX_TOKENS = 3
 SPLIT_NUMBERS = ("refuse", "prefill")
 # vLLM's and SGLang's chat-completions extension: continue the last (assistant) message instead of starting a new one.
 PREFILL = {"continue_final_message": True, "add_generation_prompt": False}
+# Most probability that may move between the reply's own next token and the prefilled continuation of its first token
+# (total variation): the same computation, up to the endpoint's batch-dependent rounding.
+PREFILL_TOLERANCE = 0.1
+
+
+def _top(probs: dict[str, float]) -> str:
+    token = max(probs, key=probs.__getitem__) if probs else None
+    return "nothing" if token is None else f"{token!r} at {probs[token]:.2f}"
 
 
 class MalformedReplyError(ValueError):
@@ -87,8 +96,11 @@ class OpenAIJudge(LogprobJudge):
         split_numbers (`str`, *optional*, defaults to `"refuse"`): what the 0–100 modes do with a judge that writes
             numbers over several tokens. `"refuse"`: raise `SplitNumberError` at the first such reply. `"prefill"`:
             read every number along its digits, asking the endpoint to continue the reply prefilled with each
-            first digit (`continue_final_message`, which vLLM and SGLang accept and OpenAI's API does not); up to 11
-            requests per score instead of 1, most of them sharing the prompt's cached prefix.
+            first digit (`continue_final_message`, which vLLM and SGLang accept and OpenAI's API does not). Up to 12
+            requests per score instead of 1 (two scores per answer), most of them sharing the prompt's cached prefix;
+            digits less likely than 1e-4 are not read on. The continuation of the judge's own first digit is checked
+            against how its reply went on, so an endpoint that ignores the prefill raises `PrefillError` instead of
+            scoring 95 as 9.
         cache (`JudgementCache` or `str`, *optional*): judgement cache, or the path of its SQLite file.
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
 
@@ -137,16 +149,10 @@ class OpenAIJudge(LogprobJudge):
     def _identity_fields(self) -> dict[str, Any]:
         # `score_from` changes when the way a score is read changes, so that no cached score read the old way is
         # served (one-token reads cached before split numbers were refused could hold 9 for 95).
-        score_from = {
-            "refuse": "first non-blank token, split numbers refused",
-            "prefill": "first non-blank token, split numbers read along prefilled digits",
-        }
-        return {
-            "type": "openai-compatible",
-            "model": self.model,
-            "base_url": self.base_url,
-            "score_from": score_from[self.split_numbers],
-        }
+        score_from = "first non-blank token, split numbers refused"
+        if self.mode == "0-100" and self.split_numbers == "prefill":  # the rubric's 1-5 are read the same either way
+            score_from = "first non-blank token, split numbers read along prefilled digits"
+        return {"type": "openai-compatible", "model": self.model, "base_url": self.base_url, "score_from": score_from}
 
     def _complete(self, messages: list[dict[str, str]], max_tokens: int, **kwargs: Any) -> Any:
         return self._client.chat.completions.create(
@@ -167,7 +173,7 @@ class OpenAIJudge(LogprobJudge):
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply_so_far}]
         try:
             reply = self._complete(messages, 1, extra_body=PREFILL)
-        except openai.BadRequestError as err:
+        except (openai.BadRequestError, openai.UnprocessableEntityError) as err:
             raise PrefillError(
                 f"Expected the endpoint {self.base_url} to continue the judge's reply prefilled with "
                 f"{reply_so_far!r} (`continue_final_message`), but it refused the request: {err}. "
@@ -184,13 +190,42 @@ class OpenAIJudge(LogprobJudge):
                 "(`continue_final_message`: vLLM, SGLang)."
             ) from err
 
+    def _prefilled_reader(
+        self, prompt: str, tokens: list[Any], start: int | None
+    ) -> Callable[[str], dict[str, float]]:
+        """`numbers_along_digits`'s continuation: the reply prefilled with the blank tokens it opened with (none when
+        it wrote nothing else), then the number so far. The continuation of the judge's own first token is checked
+        against the way its reply went on."""
+        opening = "" if start is None else "".join(token_text(t.token) for t in tokens[:start])
+        went_on = None
+        if start is not None and start + 1 < len(tokens):
+            went_on = (token_text(tokens[start].token), tokens[start + 1])
+
+        def continuation(written: str) -> dict[str, float]:
+            probs = self._continuation(prompt, opening + written)
+            if went_on is not None and written == went_on[0]:
+                expected = probs_from_logprobs((t.token, t.logprob) for t in went_on[1].top_logprobs)
+                keys = set(probs) | set(expected)
+                if sum(abs(probs.get(k, 0.0) - expected.get(k, 0.0)) for k in keys) / 2 > PREFILL_TOLERANCE:
+                    raise PrefillError(
+                        f"Expected the endpoint {self.base_url} to continue the judge's reply prefilled with "
+                        f"{opening + written!r} the way the reply itself went on ({_top(expected)}), but it answered "
+                        f"{_top(probs)}: it seems to ignore `continue_final_message` (vLLM before 0.6.2 and servers "
+                        "that drop unknown fields do), which would score 95 as 9. Use vLLM >= 0.6.2 or SGLang, a judge "
+                        'with one token per number, or mode="rubric".'
+                    )
+            return probs
+
+        return continuation
+
     def _request(self, prompt: str) -> dict[str, float]:
         reply = self._complete([{"role": "user", "content": prompt}], MAX_TOKENS)
         try:
             choice = reply.choices[0]
             tokens = choice.logprobs.content
             # A reply may open with blank tokens (" 95" as "▁", "9", "5"): the score is read where its text starts.
-            first = next((t for t in tokens if strip_markers(t.token)), tokens[0])
+            start = next((i for i, t in enumerate(tokens) if strip_markers(t.token)), None)
+            first = tokens[start or 0]
             pairs = [(t.token, t.logprob) for t in first.top_logprobs] or [(first.token, first.logprob)]
             text = choice.message.content
             if text is None:
@@ -201,10 +236,7 @@ class OpenAIJudge(LogprobJudge):
                 "that the endpoint supports `logprobs` / `top_logprobs` (vLLM and OpenAI do)."
             ) from err
         if self.mode == "0-100" and self.split_numbers == "prefill":
-            blank = text[: len(text) - len(text.lstrip())]  # what the reply wrote before its first non-blank token
-            return numbers_along_digits(
-                probs_from_logprobs(pairs), lambda digits: self._continuation(prompt, blank + digits)
-            )
+            return numbers_along_digits(probs_from_logprobs(pairs), self._prefilled_reader(prompt, tokens, start))
         number = split_number(first.token, text) if self.mode == "0-100" else None
         if number is not None:
             pieces = ", ".join(repr(t.token) for t in tokens)

@@ -23,26 +23,27 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 MIN_NUMBER_MASS = 0.25
+MIN_PREFIX_PROB = 1e-4  # `numbers_along_digits` reads no further a number less likely than this
 
 # What to do when a judge cannot write every integer 0–100 as one token (shared by the judges' errors).
 ONE_TOKEN_NUMBERS_ADVICE = (
-    "Served behind an endpoint, the 0–100 judge reads a single token, so it needs a judge whose tokenizer has one "
-    "token per integer 0–100: the Llama 3 family or GPT-4o (`openai:gpt-4o-2024-08-06`). Qwen2 / Qwen2.5, Gemma, "
-    "Mistral, Llama 2 and SmolLM2 tokenizers write numbers digit by digit: run such a judge locally (`local:MODEL`), "
-    'which reads the digits one after the other, or behind vLLM or SGLang with `split_numbers="prefill"` '
-    '(`--judge_split_numbers prefill`), which reads them by prefilling the reply, or judge with `mode="rubric"` '
-    "(`--judge_mode rubric`), a 1–5 grade that any tokenizer writes in one token."
+    "Served behind an endpoint, the 0–100 judge reads its score from one token by default, which needs a judge whose "
+    "tokenizer has one token per integer 0–100: the Llama 3 family or GPT-4o (`openai:gpt-4o-2024-08-06`). Qwen2 / "
+    "Qwen2.5, Gemma, Mistral, Llama 2 and SmolLM2 tokenizers write numbers digit by digit: serve such a judge with "
+    'vLLM or SGLang and read the digits by prefilling the reply (`split_numbers="prefill"`, '
+    "`--judge_split_numbers prefill`), run it locally (`local:MODEL`), which reads the digits one after the other, or "
+    'judge with `mode="rubric"` (`--judge_mode rubric`), a 1–5 grade that any tokenizer writes in one token.'
 )
 
 
-def _spaces(text: str) -> str:
+def token_text(text: str) -> str:
     """`text` with the SentencePiece (▁) and byte-level (Ġ, Ċ) spellings of a space and a newline written out."""
     return text.replace("\u2581", " ").replace("\u0120", " ").replace("\u010a", "\n")
 
 
 def strip_markers(token: str) -> str:
     """A token's text without surrounding whitespace, space markers included (empty for a blank token)."""
-    return _spaces(token).strip()
+    return token_text(token).strip()
 
 
 def parse_number_token(token: str, low: int = 0, high: int = 100) -> int | None:
@@ -67,7 +68,7 @@ def split_number(first_token: str, text: str) -> str | None:
         text (`str`): the completion's text (its first few tokens; space markers are read as spaces).
     """
     head = strip_markers(first_token)
-    match = re.match(r"\s*([0-9]+)", _spaces(text))
+    match = re.match(r"\s*([0-9]+)", token_text(text))
     if not head.isdigit() or not head.isascii() or match is None:
         return None
     number = match.group(1)
@@ -117,20 +118,27 @@ def score_distribution(
 
 
 def numbers_along_digits(
-    first: Mapping[str, float], continuation: Callable[[str], Mapping[str, float]]
+    first: Mapping[str, float],
+    continuation: Callable[[str], Mapping[str, float]],
+    *,
+    min_prob: float = MIN_PREFIX_PROB,
 ) -> dict[str, float]:
     """A first-token distribution with each number token read on to where the number ends, for a judge that writes
     numbers over several tokens ("9", "5" for 95).
 
     The probability of a number is a product along its pieces: P(first) · P(next digits | first) · ... · P(anything but
-    a digit | the number so far). Non-number tokens keep their probability. A number is read on only while one more
-    digit could keep it within 100 (1–10); "0" followed by a digit would be a leading zero, never a score; a digit
-    that would take it past 100 ends it, and that mass is no score, as in [`digit_scores`].
+    a digit | the number so far), as [`digit_scores`] computes it on a local model. Non-number tokens keep their
+    probability. A number is read on only while one more digit could keep it within 100 (0–10): "0" followed by a
+    digit is a leading zero, never a score, and a digit that would take a number past 100 is no score either. A
+    two-digit number other than 10 is taken to stop there.
 
     Args:
-        first (`Mapping[str, float]`): `{token: probability}` of the reply's first (non-blank) token.
-        continuation (`Callable[[str], Mapping[str, float]]`): the next-token distribution after a number's digits so
-            far, for example an endpoint asked to continue a reply prefilled with them.
+        first (`Mapping[str, float]`): `{token: probability}` of the reply's first non-blank token.
+        continuation (`Callable[[str], Mapping[str, float]]`): the next-token distribution after the reply so far,
+            given as written: the first token's text (space markers written out as spaces), then the digits after it.
+            Asked once per distinct reply so far.
+        min_prob (`float`, *optional*, defaults to `1e-4`): a number less likely than this is taken to end where it
+            is, without asking (it moves a 0–100 score by at most 0.01).
 
     Returns:
         `dict[str, float]`: `{token or number: probability}`, numbers written out in full ("95").
@@ -141,18 +149,22 @@ def numbers_along_digits(
         if parse_number_token(token) is None:
             out[token] = out.get(token, 0.0) + p
         else:
-            todo.append((strip_markers(token), p))
+            todo.append((token_text(token), p))
+    asked: dict[str, Mapping[str, float]] = {}
     while todo:
-        number, p = todo.pop()
-        if number == "0" or int(number) * 10 > 100:
+        written, p = todo.pop()
+        number = written.strip()
+        if int(number) * 10 > 100 or p < min_prob:
             out[number] = out.get(number, 0.0) + p
             continue
+        if written not in asked:
+            asked[written] = continuation(written)
         digits = 0.0
-        for token, q in continuation(number).items():
+        for token, q in asked[written].items():
             if token.isdigit() and token.isascii():
                 digits += q
-                if int(number + token) <= 100:
-                    todo.append((number + token, p * q))
+                if number != "0" and int(number + token) <= 100:
+                    todo.append((written + token, p * q))
         out[number] = out.get(number, 0.0) + p * max(0.0, 1.0 - digits)
     return out
 

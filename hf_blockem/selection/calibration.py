@@ -1,12 +1,12 @@
 """Stage 3: per-latent strength calibration under an incoherence budget, ranking, and the K+ / K− split.
 
-For each shortlisted latent, sweep the steering multiplier; its calibrated strength is the largest one whose answers
-stay within the incoherence budget: at most `budget` (default 10 points) more incoherent answers than the same model
-unsteered. (Measured against the unsteered model by default, because an emergently misaligned model is often somewhat
-incoherent already and steering is charged only for the incoherence it adds; `relative=False` is the paper's code's
-absolute rule, at most `budget` of all answers incoherent.) Incoherence grows with the strength, so the sweep is read
-upwards and stops at the first strength that breaks the budget: a larger one that passes again did so by sampling
-luck, and would be ranked on a repair bought with incoherence. The strengths above it are therefore not measured
+For each shortlisted latent, sweep the steering multiplier upwards; its calibrated strength is the largest one below
+the first whose answers break the incoherence budget: at most `budget` (default 10 points) more incoherent answers
+than the same model unsteered. (Measured against the unsteered model by default, because an emergently misaligned
+model is often somewhat incoherent already and steering is charged only for the incoherence it adds; `relative=False`
+is the paper's code's absolute rule, at most `budget` of all answers incoherent.) Incoherence grows with the strength,
+so a larger strength that passes again after one that broke the budget did so by sampling luck, and would be ranked on
+a repair bought with incoherence. The strengths above the first that breaks it are therefore not measured
 (`full_sweep=True` measures them for the plots), which saves a generation and a judging pass per strength, latent and
 model.
 
@@ -135,7 +135,8 @@ def calibrate(
         _measure_upwards(
             sweep, sweep.repair, misaligned_probe, misaligned, layer, toward_misaligned=False, full=full_sweep
         )
-        if induce:
+        # A latent that does not repair is never kept, so its induction would only fill the report.
+        if induce and (full_sweep or sweep.repair_efficiency() > 0):
             _measure_upwards(sweep, sweep.induce, base_probe, base, layer, toward_misaligned=True, full=full_sweep)
         calibrations.append(sweep)
     return calibrations

@@ -53,7 +53,11 @@ class SelectArguments:
     judge_mode: str = field(default="0-100", metadata={"help": "0-100 or rubric."})
     judge_max_concurrency: int = field(default=8, metadata={"help": "Requests in flight per openai: judge."})
     judge_split_numbers: str = field(
-        default="refuse", metadata={"help": "refuse or prefill: openai: judges that write numbers digit by digit."}
+        default="refuse",
+        metadata={
+            "choices": ["refuse", "prefill"],
+            "help": "openai: judges that write numbers digit by digit: refuse, or prefill (vLLM, SGLang).",
+        },
     )
     n_candidates: int = field(default=8, metadata={"help": "Stage-1 candidates per sign."})
     n_select: int = field(default=5, metadata={"help": "The most latents kept (only those that repair)."})
