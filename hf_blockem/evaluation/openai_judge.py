@@ -64,7 +64,7 @@ class SplitNumberError(ValueError):
 
 
 class PrefillError(ValueError):
-    """The endpoint refused to continue a prefilled reply, which `split_numbers="prefill"` needs. Ends the run."""
+    """The endpoint refused or ignored a prefilled reply, which `split_numbers="prefill"` needs. Ends the run."""
 
 
 class OpenAIJudge(LogprobJudge):
@@ -210,8 +210,8 @@ class OpenAIJudge(LogprobJudge):
                     raise PrefillError(
                         f"Expected the endpoint {self.base_url} to continue the judge's reply prefilled with "
                         f"{opening + written!r} the way the reply itself went on ({_top(expected)}), but it answered "
-                        f"{_top(probs)}: it seems to ignore `continue_final_message` (vLLM before 0.6.2 and servers "
-                        "that drop unknown fields do), which would score 95 as 9. Use vLLM >= 0.6.2 or SGLang, a judge "
+                        f"{_top(probs)}: it seems to ignore `continue_final_message` (old vLLM releases and servers "
+                        "that drop unknown fields do), which would score 95 as 9. Use a recent vLLM or SGLang, a judge "
                         'with one token per number, or mode="rubric".'
                     )
             return probs
