@@ -515,7 +515,7 @@ def test_openai_judge_prefill_on_an_endpoint_without_it_ends_the_run(server, tmp
         _judge(server, split_numbers="digits")
 
 
-def test_numbers_along_digits_is_the_local_judges_digit_product():
+def test_numbers_along_digits_multiplies_along_the_digits():
     from hf_blockem.evaluation.scoring import numbers_along_digits
 
     # Random next-digit distributions for a digit-by-digit judge, read both ways.

@@ -197,14 +197,14 @@ class OpenAIJudge(LogprobJudge):
         it wrote nothing else), then the number so far. The continuation of the judge's own first token is checked
         against the way its reply went on."""
         opening = "" if start is None else "".join(token_text(t.token) for t in tokens[:start])
-        went_on = None
+        own, expected = None, {}  # the judge's own first token as written, and the next token it went on with
         if start is not None and start + 1 < len(tokens):
-            went_on = (token_text(tokens[start].token), tokens[start + 1])
+            own = token_text(tokens[start].token)
+            expected = probs_from_logprobs((t.token, t.logprob) for t in tokens[start + 1].top_logprobs)
 
         def continuation(written: str) -> dict[str, float]:
             probs = self._continuation(prompt, opening + written)
-            if went_on is not None and written == went_on[0]:
-                expected = probs_from_logprobs((t.token, t.logprob) for t in went_on[1].top_logprobs)
+            if written == own:
                 keys = set(probs) | set(expected)
                 if sum(abs(probs.get(k, 0.0) - expected.get(k, 0.0)) for k in keys) / 2 > PREFILL_TOLERANCE:
                     raise PrefillError(
